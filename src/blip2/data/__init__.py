@@ -1,0 +1,1 @@
+"""Datasets (Karpathy JSON, JSONL), the frozen-feature cache, procedural scenes and batching."""

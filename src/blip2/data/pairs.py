@@ -1,0 +1,97 @@
+"""Image-caption pairs, a resumable epoch sampler, and batch assembly."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+from blip2.data.records import ImageRecord
+from blip2.text import clean_caption, tokenize
+from blip2.vision import FrozenImageEncoder
+from blip2.vision.transforms import eval_transform, load_rgb, train_transform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, T) token ids, [CLS] first, right-padded
+    mask: torch.Tensor  # (B, T) 1 = real token
+    image_ids: torch.Tensor  # (B,) index of the image each caption belongs to
+    image_feats: torch.Tensor | None = None  # (B, N, C) frozen features (cached mode)
+    pixels: torch.Tensor | None = None  # (B, 3, S, S) (online mode)
+
+
+class EpochSampler:
+    """Shuffles pair indices once per epoch from (seed, epoch); its state is (epoch, pos).
+
+    The last incomplete batch of an epoch is dropped so every step sees a full batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < batch_size:
+            raise ValueError(f"only {n} training pairs for batch size {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > self.n:
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._permutation()
+        idx = self._perm[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._perm = self._permutation()
+
+
+class Pairs:
+    """Every (image, caption) pair of the records whose image is usable.
+
+    With `features` (aligned with `records`) batches carry cached features; without, batches
+    carry pixels decoded on the fly (augmented when `augment`) for the encoder to run each step.
+    """
+
+    def __init__(self, records: list[ImageRecord], tokenizer, max_len: int,
+                 features: torch.Tensor | None = None, encoder: FrozenImageEncoder | None = None,
+                 augment: bool = False, seed: int = 0):
+        if features is None and encoder is None:
+            raise ValueError("Pairs needs cached features or the encoder's preprocessing")
+        self.records, self.tokenizer, self.max_len = records, tokenizer, max_len
+        self.features, self.encoder, self.augment = features, encoder, augment
+        self.rng = random.Random(seed)
+        self.pairs = [(i, clean_caption(c)) for i, r in enumerate(records) for c in r.captions]
+        self.pairs = [(i, c) for i, c in self.pairs if c]
+        if not self.pairs:
+            raise ValueError("no usable image-caption pairs")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def batch(self, indices: torch.Tensor) -> Batch:
+        chosen = [self.pairs[int(k)] for k in indices]
+        image_idx = torch.tensor([i for i, _ in chosen])
+        ids, mask = tokenize(self.tokenizer, [c for _, c in chosen], self.max_len)
+        if self.features is not None:
+            return Batch(ids, mask, image_idx, image_feats=self.features[image_idx].float())
+        assert self.encoder is not None
+        pre = self.encoder.preprocess
+        imgs = [load_rgb(self.records[int(i)].path) for i in image_idx]
+        if self.augment:
+            pixels = torch.stack([train_transform(im, pre, self.rng) for im in imgs])
+        else:
+            pixels = torch.stack([eval_transform(im, pre) for im in imgs])
+        return Batch(ids, mask, image_idx, pixels=pixels)

@@ -1,0 +1,82 @@
+"""Annotation readers: Karpathy-style JSON (with splits) and JSONL image-caption pairs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageRecord:
+    path: str  # absolute image path
+    captions: list[str]
+
+
+def load_records(annotations: str | Path, images: str | Path | None = None,
+                 split: str | None = None) -> list[ImageRecord]:
+    """Read images with their captions, in file order.
+
+    Karpathy JSON: {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}.
+    JSONL: one {"image": path, "caption": text} (or "captions": [...], optional "split") per line;
+    lines for the same image are grouped. Relative image paths resolve against `images`
+    (default: an `images/` folder beside the annotations, else the annotations' folder).
+    """
+    annotations = Path(annotations)
+    if not annotations.is_file():
+        raise FileNotFoundError(f"annotation file {annotations} does not exist")
+    root = Path(images) if images else _default_root(annotations)
+    if annotations.suffix == ".jsonl":
+        records = _load_jsonl(annotations, root, split)
+    else:
+        records = _load_karpathy(annotations, root, split)
+    if not records:
+        raise ValueError(f"{annotations}: no images for split {split!r}")
+    return records
+
+
+def _default_root(annotations: Path) -> Path:
+    beside = annotations.parent / "images"
+    return beside if beside.is_dir() else annotations.parent
+
+
+def _load_karpathy(path: Path, root: Path, split: str | None) -> list[ImageRecord]:
+    with open(path) as f:
+        doc = json.load(f)
+    if "images" not in doc:
+        raise ValueError(f"{path} is not Karpathy-style JSON (no top-level 'images' list)")
+    out = []
+    for e in doc["images"]:
+        if split is not None and e.get("split") != split:
+            continue
+        rel = Path(e.get("filepath", "")) / e["filename"]
+        caps = [s["raw"].strip() for s in e.get("sentences", [])]
+        out.append(ImageRecord(str(root / rel), caps))
+    return out
+
+
+def _load_jsonl(path: Path, root: Path, split: str | None) -> list[ImageRecord]:
+    grouped: dict[str, ImageRecord] = {}
+    has_split = False
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                image = row["image"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{path}:{lineno}: expected {{\"image\": ..., \"caption\": ...}} ({e})") from e
+            has_split |= "split" in row
+            if split is not None and "split" in row and row["split"] != split:
+                continue
+            caps = row.get("captions") or [row.get("caption", "")]
+            full = str(root / image)
+            rec = grouped.setdefault(full, ImageRecord(full, []))
+            rec.captions.extend(c.strip() for c in caps if c and c.strip())
+    if split is not None and not has_split:
+        log.info("%s has no 'split' field; using every line for split %r", path, split)
+    return list(grouped.values())

@@ -1,0 +1,232 @@
+"""Stage-1 objectives (ITC, ITM, ITG) as modules that take rank / world size explicitly.
+
+Nothing here asks torch.distributed who it is: with world_size == 1 no collective is called, so
+single-process training needs no process group. With world_size > 1 the caller's default process
+group is used for the gathers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from blip2.model import Blip2
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def gather_no_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate `x` from all ranks along dim 0, without gradient."""
+    if world_size == 1:
+        return x.detach()
+    import torch.distributed as dist
+
+    out = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(out, x.detach().contiguous())
+    return torch.cat(out, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for each slice and returns the own one."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, world_size: int) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        ctx.rank, ctx.b = dist.get_rank(), x.shape[0]
+        out = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.b:(ctx.rank + 1) * ctx.b], None
+
+
+def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate `x` from all ranks; gradients flow back to the rank that owns each slice."""
+    if world_size == 1:
+        return x
+    return _GatherWithGrad.apply(x, world_size)
+
+
+def gather_padded(ids: torch.Tensor, mask: torch.Tensor, pad_id: int,
+                  world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather (B, T) token ids / masks whose T differs between ranks (right-padded to the max)."""
+    if world_size == 1:
+        return ids, mask
+    import torch.distributed as dist
+
+    t = torch.tensor([ids.shape[1]], device=ids.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    extra = int(t.item()) - ids.shape[1]
+    ids = F.pad(ids, (0, extra), value=pad_id)
+    mask = F.pad(mask, (0, extra), value=0)
+    return gather_no_grad(ids, world_size), gather_no_grad(mask, world_size)
+
+
+# --------------------------------------------------------------------------- ITC
+
+
+@dataclass
+class ITCOutput:
+    loss: torch.Tensor
+    sim_i2t: torch.Tensor  # (B, N): local images vs all texts, divided by temp
+    sim_t2i: torch.Tensor  # (B, N): local texts vs all images, divided by temp
+    positives: torch.Tensor  # (B, N) bool: pairs that share an image (never negatives)
+
+
+class ITCLoss(nn.Module):
+    """Image-text contrastive loss with max-over-queries similarity.
+
+    grad="reference": the image->text logits use detached text features and the text->image logits
+    detached image features (what LAVIS computes); grad="full": both sides receive gradient.
+    targets="soft": every caption of the same image id is a positive (uniform soft target).
+    """
+
+    def __init__(self, label_smoothing: float = 0.1, grad: str = "reference", targets: str = "soft",
+                 rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.label_smoothing, self.grad, self.targets = label_smoothing, grad, targets
+        self.rank, self.world_size = rank, world_size
+
+    def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor,
+                image_ids: torch.Tensor) -> ITCOutput:
+        # image_feats: (B, Q, E) L2-normalised per query; text_feats: (B, E); image_ids: (B,)
+        b = image_feats.shape[0]
+        if self.grad == "reference":
+            image_all = gather_no_grad(image_feats, self.world_size)  # (N, Q, E)
+            text_all = gather_no_grad(text_feats, self.world_size)  # (N, E)
+        else:
+            image_all = gather_with_grad(image_feats, self.world_size)
+            text_all = gather_with_grad(text_feats, self.world_size)
+        sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_all).amax(-1) / temp  # (B, N)
+        sim_t2i = torch.einsum("be,nqe->bnq", text_feats, image_all).amax(-1) / temp  # (B, N)
+
+        ids_all = gather_no_grad(image_ids, self.world_size)  # (N,)
+        positives = image_ids[:, None] == ids_all[None, :]  # (B, N)
+        if self.targets == "soft":
+            target = positives.float() / positives.sum(1, keepdim=True)  # rows sum to 1
+        else:
+            target = torch.arange(b, device=sim_i2t.device) + self.rank * b
+        ls = self.label_smoothing
+        loss = (F.cross_entropy(sim_i2t, target, label_smoothing=ls)
+                + F.cross_entropy(sim_t2i, target, label_smoothing=ls)) / 2
+        return ITCOutput(loss, sim_i2t, sim_t2i, positives)
+
+
+# --------------------------------------------------------------------------- ITM
+
+
+def sample_hard_negatives(sim: torch.Tensor, positives: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For each row draw one column with probability softmax(sim) over non-positive columns.
+
+    sim, positives: (B, N); u: (B,) uniforms in (0, 1] (shared across ranks so that sampling is a
+    function of the global batch). Inverse-CDF sampling: a positive has zero mass, so it can never be
+    drawn. Returns (B,) column indices.
+    """
+    if bool(positives.all(dim=1).any()):
+        raise ValueError("ITM hard negatives: a row has no negative (every sample in the global batch "
+                         "shows the same image); use a larger or shuffled batch")
+    weights = torch.softmax(sim.float().masked_fill(positives, float("-inf")), dim=1)  # (B, N)
+    cdf = weights.cumsum(dim=1)
+    target = (u.to(cdf) * cdf[:, -1]).unsqueeze(1)  # (B, 1) in (0, total]
+    idx = torch.searchsorted(cdf, target).squeeze(1)
+    return idx.clamp_max(sim.shape[1] - 1)
+
+
+class ITMLoss(nn.Module):
+    """Binary image-text matching on B positives + B hard-negative images + B hard-negative texts."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+
+    def forward(self, model: Blip2, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                itc: ITCOutput, generator: torch.Generator | None) -> torch.Tensor:
+        # image_embeds: (B, N_img, C) after ln_vision; ids/mask: (B, T)
+        b = ids.shape[0]
+        image_all = gather_with_grad(image_embeds, self.world_size)  # (N, N_img, C)
+        ids_all, mask_all = gather_padded(ids, mask, model.pad_id, self.world_size)  # (N, T')
+        # Uniforms for the whole global batch, identical on every rank; take this rank's rows.
+        u = 1.0 - torch.rand(2, b * self.world_size, generator=generator)
+        u = u[:, self.rank * b:(self.rank + 1) * b]
+        with torch.no_grad():
+            neg_image = sample_hard_negatives(itc.sim_t2i, itc.positives, u[0])  # texts first
+            neg_text = sample_hard_negatives(itc.sim_i2t, itc.positives, u[1])  # then images
+        t = ids_all.shape[1]
+        ids_pos = F.pad(ids, (0, t - ids.shape[1]), value=model.pad_id)
+        mask_pos = F.pad(mask, (0, t - ids.shape[1]), value=0)
+        ids_3 = torch.cat([ids_pos, ids_pos, ids_all[neg_text]])  # (3B, T'): pos, pos, neg
+        mask_3 = torch.cat([mask_pos, mask_pos, mask_all[neg_text]])
+        image_3 = torch.cat([image_embeds, image_all[neg_image], image_embeds])  # pos, neg, pos
+        logits = model.itm_logits(image_3, ids_3, mask_3)  # (3B, 2)
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        return F.cross_entropy(logits, labels)
+
+
+# --------------------------------------------------------------------------- ITG
+
+
+class ITGLoss(nn.Module):
+    """Image-grounded text generation: [DEC]-prefixed causal LM over the caption, queries as prefix."""
+
+    def __init__(self, label_smoothing: float = 0.1):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, model: Blip2, ids: torch.Tensor, mask: torch.Tensor,
+                query_past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        # ids/mask: (B, T) starting with [CLS]; query_past: per-layer K/V of the ITC query pass
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = model.dec_id
+        labels = dec_ids.masked_fill(mask == 0, -100)
+        logits = model.itg_logits(dec_ids, mask, query_past)  # (B, T, V)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                               ignore_index=-100, label_smoothing=self.label_smoothing)
+
+
+# --------------------------------------------------------------------------- stage 1
+
+
+class Stage1Loss(nn.Module):
+    """ITC + ITM + ITG on one batch; returns the total and each term (detached) for logging."""
+
+    def __init__(self, itc: bool = True, itm: bool = True, itg: bool = True, label_smoothing: float = 0.1,
+                 itc_grad: str = "reference", itc_targets: str = "soft", rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.use = {"itc": itc, "itm": itm, "itg": itg}
+        self.itc = ITCLoss(label_smoothing, itc_grad, itc_targets, rank, world_size)
+        self.itm = ITMLoss(rank, world_size)
+        self.itg = ITGLoss(label_smoothing)
+
+    def forward(self, model: Blip2, image_feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                image_ids: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        # image_feats: (B, N_img, C) frozen encoder output; ids/mask: (B, T); image_ids: (B,)
+        image_embeds = model.ln_vision(image_feats)
+        query = model.qformer(image=image_embeds, use_queries=True)  # queries only, unimodal
+        terms: dict[str, torch.Tensor] = {}
+        itc = None
+        if self.use["itc"]:
+            image_itc = model.image_itc_feats(query.hidden)  # (B, Q, E)
+            text_itc = model.text_itc_feats(ids, mask)  # (B, E)
+            itc = self.itc(image_itc, text_itc, model.temp, image_ids)
+            terms["itc"] = itc.loss
+        if self.use["itm"]:
+            assert itc is not None
+            terms["itm"] = self.itm(model, image_embeds, ids, mask, itc, generator)
+        if self.use["itg"]:
+            terms["itg"] = self.itg(model, ids, mask, query.past)
+        out = {k: v.detach() for k, v in terms.items()}
+        out["loss"] = sum(terms.values())  # type: ignore[assignment]
+        return out

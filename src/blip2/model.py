@@ -1,0 +1,162 @@
+"""Blip2: frozen image encoder + Q-Former + stage-1 heads (ITC projections, ITM head, ITG head).
+
+Building from a config creates randomly initialised trainable parts and never reads a network;
+initialisation from BERT (`load_bert_init`) and loading trained weights (`Blip2.from_dir`) are
+separate, explicit steps with strict key and shape checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from blip2.config import Blip2Config, from_dict, to_dict
+from blip2.io import atomic_dir, read_json, write_json
+from blip2.qformer import KV, QFormer
+from blip2.vision import FrozenImageEncoder, build_vision_encoder
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class Blip2(nn.Module):
+    def __init__(self, cfg: Blip2Config, vision: FrozenImageEncoder | None = None, tokenizer: Any = None):
+        super().__init__()
+        qc = cfg.qformer
+        if vision is not None:
+            if qc.vision_width not in (None, vision.feature_dim):
+                raise ValueError(f"qformer.vision_width={qc.vision_width} but the encoder yields "
+                                 f"{vision.feature_dim}-wide features")
+            qc.vision_width = vision.feature_dim
+        if qc.vision_width is None:
+            raise ValueError("qformer.vision_width is unknown: pass the vision encoder or set it")
+        self.cfg = cfg
+        self.vision = vision
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
+        self.dec_id = tokenizer.bos_token_id if tokenizer is not None else qc.vocab_size - 1
+        self.ln_vision = nn.LayerNorm(qc.vision_width, eps=1e-5)
+        self.qformer = QFormer(qc)
+        self.vision_proj = nn.Linear(qc.hidden_size, qc.embed_dim)
+        self.text_proj = nn.Linear(qc.hidden_size, qc.embed_dim)
+        self.itm_head = nn.Linear(qc.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(qc.temp_init))
+        for head in (self.vision_proj, self.text_proj, self.itm_head):
+            nn.init.normal_(head.weight, std=qc.initializer_range)
+            nn.init.zeros_(head.bias)
+
+    # ------------------------------------------------------------------ building blocks
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder: (B, 3, S, S) -> (B, N, C)."""
+        if self.vision is None:
+            raise RuntimeError("this Blip2 was built without a vision encoder (cached-feature mode)")
+        return self.vision(pixels)
+
+    def image_itc_feats(self, query_hidden: torch.Tensor) -> torch.Tensor:
+        """(B, Q, D) query outputs -> (B, Q, E) L2-normalised ITC embeddings."""
+        return F.normalize(self.vision_proj(query_hidden), dim=-1)
+
+    def text_itc_feats(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) text -> (B, E) L2-normalised [CLS] embedding from a text-only pass."""
+        hidden = self.qformer(ids, mask, use_queries=False).hidden  # (B, T, D)
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def itm_logits(self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Matching logits (B, 2) averaged over query positions of a bidirectional pass."""
+        hidden = self.qformer(ids, mask, image=image_embeds, use_queries=True).hidden  # (B, Q+T, D)
+        return self.itm_head(hidden[:, : self.cfg.qformer.num_queries]).mean(dim=1)
+
+    def itg_logits(self, dec_ids: torch.Tensor, mask: torch.Tensor, query_past: list[KV]) -> torch.Tensor:
+        """Causal text pass attending to cached query keys/values -> (B, T, V) next-token logits."""
+        hidden = self.qformer(dec_ids, mask, use_queries=False, causal=True, past=query_past).hidden
+        return self.qformer.lm_logits(hidden)
+
+    # ------------------------------------------------------------------ feature-extraction API
+
+    def encode_image(self, image_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen features (B, N, C) -> (query outputs (B, Q, D), ITC embeddings (B, Q, E))."""
+        query = self.qformer(image=self.ln_vision(image_feats), use_queries=True).hidden
+        return query, self.image_itc_feats(query)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Captions -> (B, E) L2-normalised ITC text embeddings."""
+        ids, mask = self.tokenize(texts)
+        return self.text_itc_feats(ids, mask)
+
+    def encode_multimodal(self, image_feats: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Image + text -> (B, Q, D) query outputs of the bidirectional (ITM) pass."""
+        ids, mask = self.tokenize(texts)
+        hidden = self.qformer(ids, mask, image=self.ln_vision(image_feats), use_queries=True).hidden
+        return hidden[:, : self.cfg.qformer.num_queries]
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from blip2.text import clean_caption, tokenize
+
+        if self.tokenizer is None:
+            raise RuntimeError("this Blip2 has no tokenizer; build it with Blip2.build or pass one")
+        ids, mask = tokenize(self.tokenizer, [clean_caption(t) for t in texts], self.cfg.qformer.max_text_len)
+        return ids.to(self.temp.device), mask.to(self.temp.device)
+
+    # ------------------------------------------------------------------ construction and I/O
+
+    @classmethod
+    def build(cls, cfg: Blip2Config, with_vision: bool = True) -> Blip2:
+        """Frozen encoder (loaded from local files) + random trainable parts + tokenizer."""
+        from blip2.text import load_tokenizer
+
+        vision = build_vision_encoder(cfg.vision) if with_vision else None
+        tok = load_tokenizer(cfg.qformer.tokenizer, cfg.qformer.vocab_size)
+        return cls(cfg, vision, tok)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything except the frozen encoder (whose weights come from its own source)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("vision.")}
+
+    def load_trainable(self, state: dict[str, torch.Tensor], source: str = "state") -> None:
+        """Strict load of the trainable weights: every key present, no extras, same shapes."""
+        own = self.trainable_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"{source}: {len(missing)} missing keys {missing[:5]}, "
+                           f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+        for k, v in own.items():
+            if state[k].shape != v.shape:
+                raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}")
+        self.load_state_dict(state, strict=False)
+
+    def save(self, directory: str | Path, meta: dict[str, Any] | None = None) -> None:
+        """Atomically write model.safetensors (trainable weights) + config.json."""
+        doc = {"model": to_dict(self.cfg), "meta": dict(meta or {})}
+        if self.vision is not None:
+            doc["meta"]["vision_fingerprint"] = self.vision.fingerprint()
+        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        with atomic_dir(directory) as tmp:
+            save_file(state, str(tmp / WEIGHTS))
+            write_json(tmp / CONFIG, doc)
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, with_vision: bool = True) -> Blip2:
+        """Rebuild from config.json and load model.safetensors strictly."""
+        directory = Path(directory)
+        if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{directory} is not a blip2 model directory (needs {CONFIG} + {WEIGHTS})")
+        doc = read_json(directory / CONFIG)
+        cfg = from_dict(Blip2Config, doc["model"])
+        model = cls.build(cfg, with_vision=with_vision)
+        model.load_trainable(load_file(str(directory / WEIGHTS)), source=str(directory / WEIGHTS))
+        saved = doc.get("meta", {}).get("vision_fingerprint")
+        if model.vision is not None and saved and saved != model.vision.fingerprint():
+            log.warning("the frozen encoder differs from the one this model was trained with "
+                        "(fingerprint %s != %s): features will not match training", model.vision.fingerprint(), saved)
+        model.meta = doc.get("meta", {})
+        return model

@@ -1,0 +1,1 @@
+"""Training entry points: the stage-1 loop, optimizer/schedule, checkpoints."""

@@ -1,0 +1,83 @@
+"""Training checkpoints: weights (safetensors) + recipe + optimizer + RNG + data position.
+
+<out>/checkpoints/step-00001200/
+    model.safetensors   trainable weights          config.json   recipe + model config
+    optimizer.pt        optimizer state dict, torch RNG state (loaded with weights_only=True)
+    state.json          step, sampler position, python RNG state
+Each directory is written atomically; only the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from blip2.io import atomic_dir, read_json, write_json
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    recipe: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    torch_rng: torch.Tensor
+    state: dict[str, Any]
+
+
+def latest(out: Path) -> Path | None:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    return steps[-1][1] if steps else None
+
+
+def save(out: Path, step: int, recipe: dict[str, Any], weights: dict[str, torch.Tensor],
+         optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 2) -> Path:
+    dest = out / "checkpoints" / f"step-{step:08d}"
+    with atomic_dir(dest) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        write_json(tmp / "config.json", recipe)
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        py_state = random.getstate()
+        write_json(tmp / "state.json", dict(state, step=step,
+                                            python_rng=[py_state[0], list(py_state[1]), py_state[2]]))
+    old = sorted(p for p in dest.parent.iterdir() if STEP_DIR.match(p.name))[:-keep]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return dest
+
+
+def load(path: Path) -> Checkpoint:
+    """Read and validate a checkpoint completely before anything is changed."""
+    needed = ["model.safetensors", "config.json", "optimizer.pt", "state.json"]
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete (missing {missing}); delete it to resume "
+                                "from the previous one")
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+        blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        state = read_json(path / "state.json")
+        recipe = read_json(path / "config.json")
+    except Exception as e:  # corrupt files of any kind: refuse with the path
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to resume "
+                         "from the previous one") from e
+    return Checkpoint(path, int(state["step"]), recipe, weights, blob["optimizer"], blob["torch_rng"], state)
+
+
+def restore_rng(ckpt: Checkpoint) -> None:
+    torch.set_rng_state(ckpt.torch_rng)
+    v, internal, gauss = ckpt.state["python_rng"]
+    random.setstate((v, tuple(internal), gauss))

@@ -1,0 +1,111 @@
+"""transformers vision towers (CLIP, SigLIP, ViT, DINOv2, the BLIP-2 EVA ViT-g) from a local directory.
+
+The tower is built from its config with `drop_last_layers` fewer layers (so the dropped layer
+costs nothing), then its weights are loaded strictly from the directory's safetensors files; the
+dropped layers' and other towers' weights are reported as unused. Features are the last kept
+layer's hidden states *before* any final LayerNorm (the Q-Former's `ln_vision` takes that role).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from blip2.config import VisionConfig
+from blip2.vision.base import FrozenImageEncoder, file_fingerprint
+from blip2.vision.transforms import Preprocess
+
+log = logging.getLogger(__name__)
+
+# Prefixes under which a vision tower's weights appear in full multimodal checkpoints.
+PREFIXES = ("", "vision_model.", "model.vision_model.", "vision_tower.", "model.vision_tower.")
+
+
+def _tower_class(model_type: str):
+    import transformers as tf
+
+    table = {
+        "clip_vision_model": tf.CLIPVisionModel,
+        "siglip_vision_model": tf.SiglipVisionModel,
+        "vit": tf.ViTModel,
+        "dinov2": tf.Dinov2Model,
+        "blip_2_vision_model": tf.Blip2VisionModel,
+    }
+    if model_type not in table:
+        raise ValueError(f"unsupported vision tower type {model_type!r}; supported: {sorted(table)}")
+    return table[model_type]
+
+
+def _vision_config(path: Path):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    return getattr(cfg, "vision_config", None) or cfg
+
+
+class HFVisionEncoder(FrozenImageEncoder):
+    def __init__(self, cfg: VisionConfig):
+        path = Path(cfg.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"vision.path={path} has no config.json (expected a transformers "
+                                    "model directory saved with save_pretrained)")
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            raise FileNotFoundError(f"no *.safetensors weights in {path}; convert .bin weights with "
+                                    "safetensors first (pickled weights are not loaded)")
+        super().__init__(cfg.precision, {"kind": "hf", "weights": file_fingerprint(weights),
+                                         "drop": cfg.drop_last_layers, "precision": cfg.precision})
+        vcfg = _vision_config(path)
+        total = vcfg.num_hidden_layers
+        if cfg.drop_last_layers >= total:
+            raise ValueError(f"vision.drop_last_layers={cfg.drop_last_layers} but the tower has {total}")
+        vcfg.num_hidden_layers = total - cfg.drop_last_layers
+        self.model = _tower_class(vcfg.model_type)(vcfg)
+        self._load(weights, total)
+        self.feature_dim = vcfg.hidden_size
+        size = getattr(vcfg, "image_size", cfg.image_size)
+        self.preprocess = _read_preprocess(path, size)
+        self.freeze()
+        with torch.no_grad():
+            probe = self._features(torch.zeros(1, 3, size, size, dtype=self.dtype))
+        self.num_tokens = probe.shape[1]
+
+    def _load(self, weights: list[Path], total_layers: int) -> None:
+        state: dict[str, torch.Tensor] = {}
+        for w in weights:
+            state.update(load_file(str(w)))
+        target = self.model.state_dict()
+        best = max(PREFIXES, key=lambda p: sum(k[len(p):] in target for k in state if k.startswith(p)))
+        mapped = {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
+        missing = [k for k in target if k not in mapped]
+        if missing:
+            raise KeyError(f"vision weights in {weights[0].parent} lack {len(missing)} keys of the tower, "
+                           f"e.g. {missing[:5]}")
+        for k, t in target.items():
+            if mapped[k].shape != t.shape:
+                raise ValueError(f"vision weight {k}: checkpoint shape {tuple(mapped[k].shape)} != "
+                                 f"model shape {tuple(t.shape)}")
+        self.model.load_state_dict({k: mapped[k] for k in target}, strict=True)
+        unused = len(mapped) - len(target)
+        log.info("loaded vision tower (%d tensors; %d unused incl. %d dropped layer(s))",
+                 len(target), unused, total_layers - self.model.config.num_hidden_layers)
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels, output_hidden_states=True)
+        return out.hidden_states[-1]  # (B, T, C), before the tower's final norm
+
+
+def _read_preprocess(path: Path, size: int) -> Preprocess:
+    pp = path / "preprocessor_config.json"
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP
+    if pp.is_file():
+        d = json.loads(pp.read_text())
+        mean = tuple(d.get("image_mean", mean))
+        std = tuple(d.get("image_std", std))
+    else:
+        log.warning("%s has no preprocessor_config.json; using CLIP mean/std", path)
+    return Preprocess(size=size, mean=mean, std=std)  # type: ignore[arg-type]

@@ -1,0 +1,82 @@
+"""Image preprocessing without torchvision: PIL decode/resize + a few tensor ops.
+
+Eval: squash-resize to (size, size) with bicubic filtering (BLIP's eval transform).
+Train: RandomResizedCrop(scale 0.5-1, ratio 3/4-4/3) + horizontal flip (the paper's recipe).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What an encoder expects: resolution and per-channel normalisation."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def key(self) -> dict:
+        return asdict(self)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file to RGB; raises OSError/ValueError on a corrupt or missing file."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def to_tensor(img: Image.Image, pre: Preprocess) -> torch.Tensor:
+    """PIL RGB (size x size) -> normalised float tensor (3, size, size)."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+    x = torch.from_numpy(arr).permute(2, 0, 1)
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def eval_transform(img: Image.Image, pre: Preprocess) -> torch.Tensor:
+    return to_tensor(img.resize((pre.size, pre.size), Image.BICUBIC), pre)
+
+
+def random_resized_crop_box(width: int, height: int, rng: random.Random,
+                            scale: tuple[float, float] = (0.5, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """Sample a crop box (left, top, right, bottom) the way RandomResizedCrop does."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    # Fallback: centre crop clamped to the allowed aspect ratios.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def train_transform(img: Image.Image, pre: Preprocess, rng: random.Random) -> torch.Tensor:
+    box = random_resized_crop_box(img.width, img.height, rng)
+    img = img.resize((pre.size, pre.size), Image.BICUBIC, box=box)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(img, pre)

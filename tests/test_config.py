@@ -1,0 +1,49 @@
+import pytest
+
+from blip2.cli import RECIPES
+from blip2.config import QFormerConfig, Stage1LossConfig, Stage1Recipe, from_dict, load_recipe, to_dict
+
+
+def test_packaged_recipes_parse():
+    for path in RECIPES.glob("*.yaml"):
+        recipe = load_recipe(path)
+        assert isinstance(recipe, Stage1Recipe)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    r = load_recipe(RECIPES / "quickstart-stage1.yaml", ["train.steps=7", "train.lr=3e-4",
+                                                         "loss.itc_grad=full", "model.qformer.num_queries=5"])
+    assert (r.train.steps, r.train.lr, r.loss.itc_grad, r.model.qformer.num_queries) == (7, 3e-4, "full", 5)
+    assert isinstance(r.train.lr, float)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(KeyError, match="train.stepz"):
+        load_recipe(None, ["train.stepz=3"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(TypeError, match="train.steps"):
+        load_recipe(None, ["train.steps=many"])
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(hidden_size=30, num_heads=4), "divisible"),
+    (dict(num_queries=0), "num_queries"),
+    (dict(temp_init=2.0), "temp_init"),
+])
+def test_qformer_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        QFormerConfig(**kw)
+
+
+def test_loss_validation():
+    with pytest.raises(ValueError, match="itc_grad"):
+        Stage1LossConfig(itc_grad="half")
+    with pytest.raises(ValueError, match="needs loss.itc"):
+        Stage1LossConfig(itc=False)
+
+
+def test_round_trip():
+    r = load_recipe(RECIPES / "flickr8k-stage1.yaml")
+    assert from_dict(Stage1Recipe, to_dict(r)) == r

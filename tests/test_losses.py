@@ -1,0 +1,170 @@
+"""Stage-1 losses against hand computations on tiny tensors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blip2.losses import ITCLoss, ITGLoss, ITMLoss, Stage1Loss, sample_hard_negatives
+
+
+def _smoothed_ce(logits: list[float], target: list[float], ls: float) -> float:
+    """-sum_j q_j log softmax(logits)_j with q = (1 - ls) * target + ls / N, by hand."""
+    n = len(logits)
+    m = max(logits)
+    logz = m + math.log(sum(math.exp(x - m) for x in logits))
+    return -sum(((1 - ls) * t + ls / n) * (x - logz) for x, t in zip(logits, target, strict=True))
+
+
+def _hand_itc(img, txt, temp, targets, ls=0.1):
+    b, q, _ = img.shape
+    i2t = [[max(float(img[i, k] @ txt[j]) for k in range(q)) / temp for j in range(b)] for i in range(b)]
+    t2i = [[max(float(txt[i] @ img[j, k]) for k in range(q)) / temp for j in range(b)] for i in range(b)]
+    a = sum(_smoothed_ce(i2t[i], targets[i], ls) for i in range(b)) / b
+    c = sum(_smoothed_ce(t2i[i], targets[i], ls) for i in range(b)) / b
+    return (a + c) / 2
+
+
+def _feats(b=3, q=2, e=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(b, q, e, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(b, e, generator=g), dim=-1)
+    return img, txt
+
+
+@pytest.mark.parametrize("grad", ["reference", "full"])
+def test_itc_matches_hand_computation(grad):
+    img, txt = _feats()
+    temp = torch.tensor(0.1)
+    out = ITCLoss(0.1, grad, "soft")(img, txt, temp, torch.arange(3))
+    eye = [[1.0 if i == j else 0.0 for j in range(3)] for i in range(3)]
+    assert out.loss.item() == pytest.approx(_hand_itc(img, txt, 0.1, eye), rel=1e-5)
+    # diagonal targets give the same loss when every image id is distinct
+    out2 = ITCLoss(0.1, grad, "diagonal")(img, txt, temp, torch.arange(3))
+    assert out2.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
+
+
+def test_itc_soft_targets_for_shared_images():
+    img, txt = _feats()
+    ids = torch.tensor([7, 7, 3])  # captions 0 and 1 describe the same image
+    out = ITCLoss(0.1, "full", "soft")(img, txt, torch.tensor(0.1), ids)
+    targets = [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]
+    assert out.loss.item() == pytest.approx(_hand_itc(img, txt, 0.1, targets), rel=1e-5)
+    assert out.positives.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+
+
+def test_itc_reference_gradients_are_half_detached():
+    img, txt = _feats()
+    temp = torch.tensor(0.1, requires_grad=True)
+    grads = {}
+    for mode in ("reference", "full"):
+        i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        ITCLoss(0.1, mode, "soft")(i, t, temp, torch.arange(3)).loss.backward()
+        grads[mode] = (i.grad, t.grad)
+    # reference: image features get gradient only from the image->text direction
+    i, t = img.clone().requires_grad_(), txt.clone()
+    sim = torch.einsum("bqe,ne->bnq", i, t).amax(-1) / 0.1
+    (F.cross_entropy(sim, torch.arange(3), label_smoothing=0.1) / 2).backward()
+    torch.testing.assert_close(grads["reference"][0], i.grad)
+    # text features only from text->image
+    i, t = img.clone(), txt.clone().requires_grad_()
+    sim = torch.einsum("be,nqe->bnq", t, i).amax(-1) / 0.1
+    (F.cross_entropy(sim, torch.arange(3), label_smoothing=0.1) / 2).backward()
+    torch.testing.assert_close(grads["reference"][1], t.grad)
+    assert not torch.allclose(grads["reference"][0], grads["full"][0])
+
+
+def test_hard_negatives_never_pick_a_positive_and_follow_softmax():
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(4, 6, generator=g) * 2
+    ids_row = torch.tensor([0, 0, 1, 2])
+    ids_col = torch.tensor([0, 0, 1, 2, 3, 3])
+    pos = ids_row[:, None] == ids_col[None, :]
+    counts = torch.zeros(4, 6)
+    n = 20000
+    for _ in range(n // 500):
+        u = 1.0 - torch.rand(500, 4, generator=g)
+        for k in range(500):
+            idx = sample_hard_negatives(sim, pos, u[k])
+            counts[torch.arange(4), idx] += 1
+    assert counts[pos].sum() == 0
+    expect = torch.softmax(sim.masked_fill(pos, float("-inf")), 1)
+    torch.testing.assert_close(counts / n, expect, atol=0.015, rtol=0)
+
+
+def test_hard_negatives_refuse_a_batch_of_one_image():
+    with pytest.raises(ValueError, match="no negative"):
+        sample_hard_negatives(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), torch.ones(2))
+
+
+def test_itm_batch_composition_and_loss(tiny_model):
+    b = 4
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(b, 5, 24, generator=g)
+    ids = torch.randint(1000, 2000, (b, 6), generator=g)
+    mask = torch.ones_like(ids)
+    ids_img = torch.tensor([0, 0, 1, 2])
+    img_itc, txt_itc = _feats(b=b, q=4, e=16)
+    itc = ITCLoss()(img_itc, txt_itc, torch.tensor(0.1), ids_img)
+    seen = {}
+    real = tiny_model.itm_logits
+
+    def record(img, i, m):
+        seen.update(img=img, ids=i)
+        seen["logits"] = real(img, i, m)
+        return seen["logits"]
+
+    tiny_model.itm_logits = record
+    loss = ITMLoss()(tiny_model, image, ids, mask, itc, torch.Generator().manual_seed(0))
+    img3, ids3 = seen["img"], seen["ids"]
+    assert img3.shape[0] == ids3.shape[0] == 3 * b
+    torch.testing.assert_close(img3[:b], image)
+    torch.testing.assert_close(img3[2 * b:], image)
+    assert torch.equal(ids3[:b], ids) and torch.equal(ids3[b:2 * b], ids)
+    for k in range(b):  # negatives never show the caption's own image
+        neg_img = next(j for j in range(b) if torch.equal(img3[b + k], image[j]))
+        assert ids_img[neg_img] != ids_img[k]
+        neg_txt = next(j for j in range(b) if torch.equal(ids3[2 * b + k], ids[j]))
+        assert ids_img[neg_txt] != ids_img[k]
+    labels = torch.tensor([1] * b + [0] * 2 * b)
+    logp = seen["logits"].log_softmax(-1)
+    assert loss.item() == pytest.approx(-logp[torch.arange(3 * b), labels].mean().item(), rel=1e-5)
+
+
+def test_itg_matches_hand_computation(tiny_model):
+    ids = torch.tensor([[101, 2000, 2001, 102, 0], [101, 2002, 102, 0, 0]])
+    mask = (ids != 0).long()
+    v = tiny_model.cfg.qformer.vocab_size
+    logits = torch.randn(2, 5, v, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def fake(dec_ids, m, past):
+        seen["dec"] = dec_ids
+        return logits
+
+    tiny_model.itg_logits = fake
+    loss = ITGLoss(0.1)(tiny_model, ids, mask, [])
+    assert seen["dec"][:, 0].tolist() == [tiny_model.dec_id] * 2 == [30522] * 2
+    assert torch.equal(seen["dec"][:, 1:], ids[:, 1:])
+    terms = []
+    for b in range(2):
+        for t in range(4):
+            if mask[b, t + 1]:  # predict token t+1 from position t; pads ignored
+                onehot = [0.0] * v
+                onehot[int(ids[b, t + 1])] = 1.0
+                terms.append(_smoothed_ce(logits[b, t].tolist(), onehot, 0.1))
+    assert len(terms) == 5
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_stage1_total_and_pad_row_gradient(tiny_model):
+    tiny_model.train()
+    ids, mask = tiny_model.tokenize(["a red circle", "two blue squares on the left", "a star"])
+    feats = torch.randn(3, 5, 24)
+    out = Stage1Loss()(tiny_model, feats, ids, mask, torch.arange(3), torch.Generator().manual_seed(0))
+    assert out["loss"].item() == pytest.approx((out["itc"] + out["itm"] + out["itg"]).item(), rel=1e-6)
+    out["loss"].backward()
+    # tied LM head, no padding index: the [PAD] row of the word embeddings receives gradient too
+    assert tiny_model.qformer.embeddings.word_embeddings.weight.grad[0].abs().sum() > 0
+    assert tiny_model.temp.grad is not None and tiny_model.ln_vision.weight.grad.abs().sum() > 0

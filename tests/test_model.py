@@ -1,0 +1,88 @@
+"""Model directory round trip and strict, non-destructive loading."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blip2.config import Blip2Config, VisionConfig
+from blip2.model import Blip2
+from conftest import tiny_qformer
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = Blip2Config(vision=VisionConfig(image_size=64), qformer=tiny_qformer(vision_width=None))
+    model = Blip2.build(cfg)
+    d = tmp_path_factory.mktemp("m") / "model"
+    model.save(d, {"itc_grad": "reference"})
+    return model, d
+
+
+def test_round_trip_is_exact(saved):
+    model, d = saved
+    loaded = Blip2.from_dir(d)
+    a, b = model.trainable_state_dict(), loaded.trainable_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.meta["itc_grad"] == "reference"
+    assert not any(k.startswith("vision.") for k in load_file(str(d / "model.safetensors")))
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(model.image_features(x))[1],
+                                   loaded.encode_image(loaded.image_features(x))[1])
+        torch.testing.assert_close(model.encode_text(["a cat"]), loaded.encode_text(["a cat"]))
+
+
+def test_missing_or_extra_keys_refused_before_loading(saved, tmp_path):
+    model, d = saved
+    state = load_file(str(d / "model.safetensors"))
+    target = Blip2.from_dir(d)
+    before = {k: v.clone() for k, v in target.trainable_state_dict().items()}
+    broken = dict(state)
+    broken.pop("itm_head.weight")
+    broken["qformer.extra"] = torch.zeros(1)
+    broken["temp"] = torch.tensor(123.0)
+    with pytest.raises(KeyError, match="1 missing keys.*itm_head.weight.*1 unexpected"):
+        target.load_trainable(broken)
+    wrong = dict(state)
+    wrong["vision_proj.weight"] = torch.zeros(3, 3)
+    wrong["temp"] = torch.tensor(123.0)
+    with pytest.raises(ValueError, match="vision_proj.weight has shape"):
+        target.load_trainable(wrong)
+    after = target.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was overwritten
+
+
+def test_not_a_model_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a blip2 model directory"):
+        Blip2.from_dir(tmp_path)
+
+
+def test_corrupt_weights_file(saved, tmp_path):
+    import shutil
+
+    _, d = saved
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(Exception, match="(?i)safetensor|header|invalid|deserializ"):
+        Blip2.from_dir(bad)
+
+
+def test_save_is_atomic_on_failure(saved, tmp_path, monkeypatch):
+    model, d = saved
+    dest = tmp_path / "m"
+    model.save(dest)
+    original = (dest / "model.safetensors").read_bytes()
+    import blip2.model as mm
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mm, "save_file", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        model.save(dest)
+    assert (dest / "model.safetensors").read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+

@@ -1,0 +1,94 @@
+"""The real entry point on CPU: train -> checkpoint -> kill -> resume (bit-identical) -> eval."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from blip2.cli import main
+from blip2.config import load_recipe
+from blip2.data.scenes import write_scenes
+from blip2.train import checkpoint
+from blip2.train.loop import train_stage1
+
+TINY = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
+        "model.qformer.hidden_size=32", "model.qformer.num_heads=4", "model.qformer.intermediate_size=64",
+        "model.qformer.num_queries=4", "model.qformer.embed_dim=16", "train.steps=6", "train.batch_size=8",
+        "train.ckpt_every=2", "train.log_every=1", "train.warmup_steps=2", "data.num_workers=0",
+        "eval.k_test=3", "eval.max_images=6"]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    return write_scenes(root / "data", 12, 6, size=64, seed=1), root / "cache"
+
+
+def _args(scenes):
+    ann, cache = scenes
+    return TINY + [f"data.train={ann}", f"data.cache_dir={cache}"]
+
+
+def _cli_train(scenes, out, extra=()):
+    argv = ["train", "stage1", "--recipe", "quickstart-stage1", "--out", str(out)]
+    for s in [*_args(scenes), *extra]:
+        argv += ["--set", s]
+    return main(argv)
+
+
+def test_train_kill_resume_is_bit_identical_then_eval(scenes, tmp_path, capsys):
+    assert _cli_train(scenes, tmp_path / "a") == 0
+    full = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+
+    # the same run killed after step 3; its last checkpoint is step 2 (ckpt_every=2)
+    recipe = load_recipe(_recipe_path(), _args(scenes))
+    assert train_stage1(recipe, tmp_path / "b", stop_after=3, progress=False) == {"stopped_at": 3}
+    assert checkpoint.latest(tmp_path / "b").name == "step-00000002"
+    assert not (tmp_path / "b" / "model").exists()
+    assert _cli_train(scenes, tmp_path / "b") == 0  # resumes from step 2
+    resumed = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert full[k].equal(resumed[k]), k
+
+    lines = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3, 3, 4, 5, 6]  # step 3 was redone after the kill
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["retrieval"]["num_images"] == 6 and summary["data"]["images"] == 12
+    cfg = json.loads((tmp_path / "a" / "model" / "config.json").read_text())
+    assert cfg["meta"]["itc_grad"] == "reference"
+    assert (tmp_path / "a" / "loss_curves.png").is_file()
+
+    capsys.readouterr()
+    ann, cache = scenes
+    assert main(["eval", "retrieval", "--model", str(tmp_path / "a" / "model"), "--data", str(ann),
+                 "--split", "val", "--k", "3", "--cache-dir", str(cache), "--workers", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"):
+        assert 0 <= result[key] <= 100
+    assert (result["num_images"], result["num_texts"]) == (6, 30)
+    assert result["tr_r1"] == pytest.approx(summary["retrieval"]["tr_r1"])
+
+
+def test_corrupt_checkpoint_is_refused_before_anything_changes(scenes, tmp_path):
+    recipe = load_recipe(_recipe_path(), _args(scenes))
+    train_stage1(recipe, tmp_path / "c", stop_after=2, progress=False)
+    ckpt = checkpoint.latest(tmp_path / "c")
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    before = sorted(p.name for p in (tmp_path / "c").rglob("*"))
+    with pytest.raises(ValueError, match="unreadable.*delete it"):
+        train_stage1(load_recipe(_recipe_path(), _args(scenes)), tmp_path / "c", progress=False)
+    assert sorted(p.name for p in (tmp_path / "c").rglob("*")) == before
+
+
+def test_resume_with_another_model_config_is_refused(scenes, tmp_path):
+    train_stage1(load_recipe(_recipe_path(), _args(scenes)), tmp_path / "d", stop_after=2, progress=False)
+    other = load_recipe(_recipe_path(), [*_args(scenes), "model.qformer.num_queries=5"])
+    with pytest.raises(ValueError, match="different model config"):
+        train_stage1(other, tmp_path / "d", progress=False)
+
+
+def _recipe_path():
+    from blip2.cli import RECIPES
+
+    return RECIPES / "quickstart-stage1.yaml"

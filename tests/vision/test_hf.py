@@ -1,0 +1,58 @@
+"""transformers vision towers from a local directory: layer dropping, strict loading."""
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from blip2.config import VisionConfig
+from blip2.vision import build_vision_encoder
+
+
+@pytest.fixture
+def clip_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=32, patch_size=8)
+    model = CLIPVisionModel(cfg).eval()
+    model.save_pretrained(tmp_path)
+    return tmp_path, model
+
+
+@pytest.mark.parametrize("drop", [0, 1, 2])
+def test_matches_transformers_hidden_state(clip_dir, drop):
+    path, ref = clip_dir
+    enc = build_vision_encoder(VisionConfig(name="hf", path=str(path), drop_last_layers=drop, image_size=32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expect = ref(pixel_values=x, output_hidden_states=True).hidden_states[-1 - drop]
+    got = enc(x)
+    assert got.shape == (2, 17, 32) and enc.num_tokens == 17 and enc.feature_dim == 32
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    built = {k.split("layers.")[1].split(".")[0] for k in enc.model.state_dict() if "layers." in k}
+    assert len(built) == 3 - drop  # dropped layers are never built
+
+
+def test_frozen_and_fingerprint(clip_dir):
+    path, _ = clip_dir
+    a = build_vision_encoder(VisionConfig(name="hf", path=str(path), drop_last_layers=1))
+    b = build_vision_encoder(VisionConfig(name="hf", path=str(path), drop_last_layers=0))
+    assert not any(p.requires_grad for p in a.parameters())
+    a.train()
+    assert not a.model.training
+    assert a.fingerprint() != b.fingerprint()
+
+
+def test_missing_weights_are_refused(clip_dir, tmp_path_factory):
+    path, _ = clip_dir
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path / "model.safetensors"))
+    state.pop(next(k for k in state if "layers.0.mlp.fc1.weight" in k))
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(KeyError, match="lack 1 keys"):
+        build_vision_encoder(VisionConfig(name="hf", path=str(path)))
+
+
+def test_bad_path_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_vision_encoder(VisionConfig(name="hf", path=str(tmp_path)))
