@@ -139,9 +139,9 @@ def test_itg_matches_hand_computation(tiny_model):
     logits = torch.randn(2, 5, v, generator=torch.Generator().manual_seed(0))
     seen = {}
 
-    def fake(dec_ids, m, past):
+    def fake(dec_ids, m, past, select):
         seen["dec"] = dec_ids
-        return logits
+        return logits[select]
 
     tiny_model.itg_logits = fake
     loss = ITGLoss(0.1)(tiny_model, ids, mask, [])

@@ -86,3 +86,20 @@ def test_save_is_atomic_on_failure(saved, tmp_path, monkeypatch):
     assert (dest / "model.safetensors").read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_text_embedding_pooling(tokenizer, pool):
+    torch.manual_seed(0)
+    model = Blip2(Blip2Config(qformer=tiny_qformer(text_pool=pool)), None, tokenizer).eval()
+    ids = torch.tensor([[101, 2000, 2001, 102]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        hidden = model.qformer(ids, mask, use_queries=False).hidden[0]  # (T, D)
+        pooled = hidden[0] if pool == "cls" else hidden.mean(0)
+        expect = torch.nn.functional.normalize(model.text_proj(pooled), dim=-1)
+        got = model.text_itc_feats(ids, mask)[0]
+        padded = model.text_itc_feats(torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1),
+                                      torch.cat([mask, torch.zeros(1, 3, dtype=torch.long)], 1))[0]
+    torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(padded, got, atol=1e-5, rtol=1e-5)  # pads change nothing

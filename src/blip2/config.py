@@ -82,6 +82,11 @@ class QFormerConfig:
     initializer_range: float = 0.02
     # Initial ITC temperature (learnable, never clamped, as in the reference).
     temp_init: float = 0.07
+    # Text ITC embedding: "cls" = the [CLS] output (the reference; BERT-base was trained with it);
+    # "mean" = masked mean over tokens, for sentence encoders trained with mean pooling such as
+    # all-MiniLM-L6-v2, whose [CLS] output is near-constant across captions (ITC then sits at
+    # ln(batch) for ~75 steps before learning; see docs/RESULTS.md).
+    text_pool: str = "cls"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "num_queries",
@@ -93,6 +98,7 @@ class QFormerConfig:
                              f"qformer.num_heads {self.num_heads}")
         if self.max_text_len > self.max_position_embeddings:
             raise ValueError("qformer.max_text_len exceeds qformer.max_position_embeddings")
+        _choice("qformer.text_pool", self.text_pool, ("cls", "mean"))
         if not 0 < self.temp_init < 1:
             raise ValueError(f"qformer.temp_init should be in (0, 1), got {self.temp_init}")
 
@@ -176,8 +182,9 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
-    # Global gradient-norm clip (0 disables).
-    grad_clip: float = 1.0
+    # Global gradient-norm clip (0 = off, as the reference). Early ITG gradients dominate the norm,
+    # so clipping at 1.0 shrinks the ITC/ITM updates by 3-20x in the first hundreds of steps.
+    grad_clip: float = 0.0
     seed: int = 42
     log_every: int = 10
     ckpt_every: int = 200

@@ -190,10 +190,11 @@ class ITGLoss(nn.Module):
         # ids/mask: (B, T) starting with [CLS]; query_past: per-layer K/V of the ITC query pass
         dec_ids = ids.clone()
         dec_ids[:, 0] = model.dec_id
-        labels = dec_ids.masked_fill(mask == 0, -100)
-        logits = model.itg_logits(dec_ids, mask, query_past)  # (B, T, V)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                               ignore_index=-100, label_smoothing=self.label_smoothing)
+        targets = dec_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1), pads ignored
+        select = torch.zeros_like(mask, dtype=torch.bool)
+        select[:, :-1] = targets != -100  # positions that predict a real next token
+        logits = model.itg_logits(dec_ids, mask, query_past, select)  # (N, V)
+        return F.cross_entropy(logits, targets[targets != -100], label_smoothing=self.label_smoothing)
 
 
 # --------------------------------------------------------------------------- stage 1

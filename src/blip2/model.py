@@ -66,19 +66,29 @@ class Blip2(nn.Module):
         return F.normalize(self.vision_proj(query_hidden), dim=-1)
 
     def text_itc_feats(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) text -> (B, E) L2-normalised [CLS] embedding from a text-only pass."""
+        """(B, T) text -> (B, E) L2-normalised embedding ([CLS] or mean-pooled) from a text-only pass."""
         hidden = self.qformer(ids, mask, use_queries=False).hidden  # (B, T, D)
-        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+        if self.cfg.qformer.text_pool == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * m).sum(1) / m.sum(1)
+        return F.normalize(self.text_proj(pooled), dim=-1)
 
     def itm_logits(self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Matching logits (B, 2) averaged over query positions of a bidirectional pass."""
         hidden = self.qformer(ids, mask, image=image_embeds, use_queries=True).hidden  # (B, Q+T, D)
         return self.itm_head(hidden[:, : self.cfg.qformer.num_queries]).mean(dim=1)
 
-    def itg_logits(self, dec_ids: torch.Tensor, mask: torch.Tensor, query_past: list[KV]) -> torch.Tensor:
-        """Causal text pass attending to cached query keys/values -> (B, T, V) next-token logits."""
+    def itg_logits(self, dec_ids: torch.Tensor, mask: torch.Tensor, query_past: list[KV],
+                   select: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal text pass attending to cached query keys/values -> next-token logits.
+
+        Returns (B, T, V), or (N, V) for the N positions where the bool mask `select` (B, T) is set
+        (the vocabulary projection is the costliest matmul of ITG, so skip positions without a target).
+        """
         hidden = self.qformer(dec_ids, mask, use_queries=False, causal=True, past=query_past).hidden
-        return self.qformer.lm_logits(hidden)
+        return self.qformer.lm_logits(hidden if select is None else hidden[select])
 
     # ------------------------------------------------------------------ feature-extraction API
 

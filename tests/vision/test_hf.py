@@ -56,3 +56,23 @@ def test_missing_weights_are_refused(clip_dir, tmp_path_factory):
 def test_bad_path_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         build_vision_encoder(VisionConfig(name="hf", path=str(tmp_path)))
+
+
+def test_blip2_vision_model_and_low_precision(tmp_path):
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+
+    torch.manual_seed(0)
+    cfg = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8)
+    ref = Blip2VisionModel(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expect = ref(pixel_values=x, output_hidden_states=True).hidden_states[-1]  # before post_layernorm
+    enc = build_vision_encoder(VisionConfig(name="hf", path=str(tmp_path), drop_last_layers=0, image_size=32))
+    torch.testing.assert_close(enc(x), expect, atol=1e-5, rtol=1e-5)
+    low = build_vision_encoder(VisionConfig(name="hf", path=str(tmp_path), drop_last_layers=0, precision="bf16"))
+    assert next(low.parameters()).dtype == torch.bfloat16
+    out = low(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expect, atol=0.1, rtol=0.05)

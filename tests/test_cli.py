@@ -1,0 +1,31 @@
+import pytest
+
+from blip2.cli import build_parser, main, resolve_recipe
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for sub in ("train", "eval", "quickstart", "scenes"):
+        assert sub in out
+
+
+@pytest.mark.parametrize("argv", [["train", "stage1", "--help"], ["eval", "retrieval", "--help"],
+                                  ["quickstart", "--help"], ["scenes", "--help"]])
+def test_each_subcommand_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and "usage: blip2" in capsys.readouterr().out
+
+
+def test_retrieval_contract_flags():
+    args = build_parser().parse_args(["eval", "retrieval", "--model", "m", "--data", "d.json", "--images", "i",
+                                      "--split", "val", "--json"])
+    assert (args.model, args.data, args.images, args.split, args.json, args.k) == ("m", "d.json", "i", "val", True, 128)
+
+
+def test_unknown_recipe_lists_packaged_ones():
+    with pytest.raises(SystemExit, match="flickr8k-stage1"):
+        resolve_recipe("no-such-recipe")

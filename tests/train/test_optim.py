@@ -1,0 +1,41 @@
+import math
+
+import pytest
+import torch
+
+from blip2.config import Blip2Config, TrainConfig
+from blip2.model import Blip2
+from blip2.train.optim import build_optimizer, lr_at
+from conftest import tiny_qformer
+
+
+def test_no_weight_decay_on_norms_biases_and_temperature():
+    model = Blip2(Blip2Config(qformer=tiny_qformer()))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.05))
+    decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert {"temp", "ln_vision.weight", "ln_vision.bias", "itm_head.bias",
+            "qformer.embeddings.LayerNorm.weight"} <= no_decay_names
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == sum(1 for _ in model.parameters())
+
+
+def test_warmup_then_cosine_to_floor():
+    cfg = TrainConfig(steps=110, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    mid = 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5))
+    assert lr_at(60, cfg) == pytest.approx(mid)
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_grad_clip_bounds_update_norm():
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([30.0, 40.0, 0.0, 0.0])
+    torch.nn.utils.clip_grad_norm_([p], 1.0)
+    assert p.grad.norm().item() == pytest.approx(1.0)
