@@ -103,3 +103,14 @@ def test_text_embedding_pooling(tokenizer, pool):
                                       torch.cat([mask, torch.zeros(1, 3, dtype=torch.long)], 1))[0]
     torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(padded, got, atol=1e-5, rtol=1e-5)  # pads change nothing
+
+
+def test_itm_probability_api(tiny_model):
+    tiny_model.eval()
+    feats = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        p = tiny_model.itm(feats, ["a red circle", "two blue squares"])
+        ids, mask = tiny_model.tokenize(["a red circle", "two blue squares"])
+        logits = tiny_model.itm_logits(tiny_model.ln_vision(feats), ids, mask)
+    assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
+    torch.testing.assert_close(p, torch.sigmoid(logits[:, 1] - logits[:, 0]))

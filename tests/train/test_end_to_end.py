@@ -92,3 +92,16 @@ def _recipe_path():
     from blip2.cli import RECIPES
 
     return RECIPES / "quickstart-stage1.yaml"
+
+
+def test_jsonl_without_splits_trains_and_skips_evaluation(scenes, tmp_path):
+    ann, cache = scenes
+    doc = json.loads(ann.read_text())
+    lines = [json.dumps({"image": e["filename"], "caption": s["raw"]}) for e in doc["images"] for s in e["sentences"]]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    args = [a for a in _args(scenes) if not a.startswith("data.train=")]
+    recipe = load_recipe(_recipe_path(), [*args, f"data.train={jsonl}", f"data.images={ann.parent / 'images'}",
+                                          "train.steps=2"])
+    summary = train_stage1(recipe, tmp_path / "j", progress=False)
+    assert summary["data"]["images"] == 18 and "retrieval" not in summary

@@ -179,13 +179,27 @@ def train_stage1(recipe: Stage1Recipe, out: str | Path, stop_after: int | None =
     model.save(out / "model", meta)
     summary: dict[str, Any] = {"steps": tc.steps, "data": data_stats, "model_dir": str(out / "model")}
     _plot_curves(out)
-    if recipe.eval.enabled:
+    val = _val_annotations(recipe)
+    if recipe.eval.enabled and val:
         from blip2.eval.retrieval import evaluate_split
 
-        summary["retrieval"] = evaluate_split(model, recipe.data.train, recipe.data.images, recipe.data.val_split,
+        summary["retrieval"] = evaluate_split(model, val, recipe.data.images, recipe.data.val_split,
                                               recipe.eval, recipe.data.cache_dir, recipe.data.num_workers, progress)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _val_annotations(recipe: Stage1Recipe) -> str:
+    """Where end-of-run evaluation reads from; "" when there is no held-out split to use."""
+    d = recipe.data
+    if d.val:
+        return d.val
+    if d.train.endswith(".jsonl"):
+        with open(d.train) as f:
+            if not any('"split"' in line for line in f):
+                log.warning("%s has no splits and data.val is not set: skipping end-of-run evaluation", d.train)
+                return ""
+    return d.train
 
 
 def _resolved_model_cfg(recipe: Stage1Recipe, saved: Stage1Recipe):
