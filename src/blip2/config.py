@@ -91,7 +91,7 @@ class QFormerConfig:
     # Text ITC embedding: "cls" = the [CLS] output (the reference; BERT-base was trained with it);
     # "mean" = masked mean over tokens, for sentence encoders trained with mean pooling such as
     # all-MiniLM-L6-v2, whose [CLS] output is near-constant across captions (ITC then sits at
-    # ln(batch) for ~75 steps before learning; see docs/RESULTS.md).
+    # ln(batch) for 50-75 steps before learning; see docs/RESULTS.md).
     text_pool: str = "cls"
 
     def __post_init__(self) -> None:
