@@ -64,7 +64,8 @@ def cmd_scenes(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from blip2.quickstart import run_quickstart
 
-    summary = run_quickstart(args.out, steps=args.steps, n_train=args.train_images, n_val=args.val_images)
+    sizes = {k: v for k, v in (("n_train", args.train_images), ("n_val", args.val_images)) if v is not None}
+    summary = run_quickstart(args.out, steps=args.steps, **sizes)
     print(json.dumps(summary["retrieval"], indent=2))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
@@ -108,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="the embedded default job: scenes -> stage 1 -> retrieval report")
     q.add_argument("--out", required=True)
     q.add_argument("--steps", type=int, default=None, help="override training steps (default: recipe)")
-    q.add_argument("--train-images", type=int, default=1500)
-    q.add_argument("--val-images", type=int, default=200)
+    q.add_argument("--train-images", type=int, default=None, help="training scenes (default 1500)")
+    q.add_argument("--val-images", type=int, default=None, help="held-out scenes (default 200)")
     q.set_defaults(func=cmd_quickstart)
     return p
 

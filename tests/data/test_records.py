@@ -44,3 +44,14 @@ def test_real_flickr8k_annotations():
     val = load_records(SHARED / "data" / "flickr8k" / "dataset_flickr8k.json", None, "val")
     assert len(val) == 1000 and all(len(r.captions) == 5 for r in val)
     assert Path(val[0].path).is_file()
+
+
+def test_has_splits(tmp_path):
+    from blip2.data.records import has_splits
+
+    with_split = tmp_path / "a.jsonl"
+    with_split.write_text('{"image": "x.png", "caption": "a \\"split\\" word", "split": "val"}\n')
+    without = tmp_path / "b.jsonl"
+    without.write_text('{"image": "x.png", "caption": "the word \\"split\\" in a caption"}\n\n')
+    assert has_splits(with_split) and not has_splits(without)
+    assert has_splits(tmp_path / "karpathy.json")  # Karpathy JSON always carries splits

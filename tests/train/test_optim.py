@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from blip2.config import Blip2Config, TrainConfig
 from blip2.model import Blip2
@@ -33,9 +32,3 @@ def test_warmup_then_cosine_to_floor():
     lrs = [lr_at(s, cfg) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
-
-def test_grad_clip_bounds_update_norm():
-    p = torch.nn.Parameter(torch.zeros(4))
-    p.grad = torch.tensor([30.0, 40.0, 0.0, 0.0])
-    torch.nn.utils.clip_grad_norm_([p], 1.0)
-    assert p.grad.norm().item() == pytest.approx(1.0)

@@ -38,6 +38,15 @@ def load_records(annotations: str | Path, images: str | Path | None = None,
     return records
 
 
+def has_splits(annotations: str | Path) -> bool:
+    """Whether the annotations name splits (Karpathy JSON always does; JSONL only with "split" fields)."""
+    annotations = Path(annotations)
+    if annotations.suffix != ".jsonl":
+        return True
+    with open(annotations) as f:
+        return any("split" in json.loads(line) for line in f if line.strip())
+
+
 def _default_root(annotations: Path) -> Path:
     beside = annotations.parent / "images"
     return beside if beside.is_dir() else annotations.parent

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from blip2.config import Stage1Recipe, from_dict, to_dict
 from blip2.data.cache import cached_features
 from blip2.data.pairs import EpochSampler, Pairs
-from blip2.data.records import ImageRecord, load_records
+from blip2.data.records import ImageRecord, has_splits, load_records
 from blip2.io import write_json
 from blip2.losses import Stage1Loss
 from blip2.model import Blip2
@@ -194,11 +194,9 @@ def _val_annotations(recipe: Stage1Recipe) -> str:
     d = recipe.data
     if d.val:
         return d.val
-    if d.train.endswith(".jsonl"):
-        with open(d.train) as f:
-            if not any('"split"' in line for line in f):
-                log.warning("%s has no splits and data.val is not set: skipping end-of-run evaluation", d.train)
-                return ""
+    if not has_splits(d.train):
+        log.warning("%s has no splits and data.val is not set: skipping end-of-run evaluation", d.train)
+        return ""
     return d.train
 
 
