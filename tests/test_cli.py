@@ -8,12 +8,14 @@ def test_help_lists_subcommands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for sub in ("train", "eval", "quickstart", "scenes"):
+    for sub in ("train", "eval", "quickstart", "scenes", "caption", "ask", "chat"):
         assert sub in out
 
 
-@pytest.mark.parametrize("argv", [["train", "stage1", "--help"], ["eval", "retrieval", "--help"],
-                                  ["quickstart", "--help"], ["scenes", "--help"]])
+@pytest.mark.parametrize("argv", [["train", "stage1", "--help"], ["train", "stage2", "--help"],
+                                  ["eval", "retrieval", "--help"], ["eval", "caption", "--help"],
+                                  ["eval", "vqa", "--help"], ["caption", "--help"], ["ask", "--help"],
+                                  ["chat", "--help"], ["quickstart", "--help"], ["scenes", "--help"]])
 def test_each_subcommand_has_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -24,6 +26,20 @@ def test_retrieval_contract_flags():
     args = build_parser().parse_args(["eval", "retrieval", "--model", "m", "--data", "d.json", "--images", "i",
                                       "--split", "val", "--json"])
     assert (args.model, args.data, args.images, args.split, args.json, args.k) == ("m", "d.json", "i", "val", True, 128)
+
+
+def test_generation_contract_flags():
+    p = build_parser()
+    a = p.parse_args(["train", "stage2", "--recipe", "r", "--init", "s1", "--out", "o"])
+    assert (a.recipe, a.init, a.out) == ("r", "s1", "o")
+    a = p.parse_args(["eval", "caption", "--model", "m", "--data", "d.json", "--images", "i", "--split", "val",
+                      "--json"])
+    assert (a.model, a.data, a.images, a.split, a.json) == ("m", "d.json", "i", "val", True)
+    a = p.parse_args(["eval", "vqa", "--model", "m", "--data", "q.json", "--images", "i", "--json"])
+    assert (a.model, a.data, a.json) == ("m", "q.json", True)
+    a = p.parse_args(["ask", "--model", "m", "img.jpg", "what is it?"])
+    assert (a.image, a.question) == ("img.jpg", "what is it?")
+    assert p.parse_args(["caption", "--model", "m", "a.jpg", "b.jpg"]).images == ["a.jpg", "b.jpg"]
 
 
 def test_unknown_recipe_lists_packaged_ones():

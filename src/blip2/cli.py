@@ -35,6 +35,161 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_stage2(args: argparse.Namespace) -> int:
+    from blip2.config import Stage2Recipe, load_recipe
+    from blip2.train.loop import train
+
+    overrides = list(args.set) + ([f"stage2.init={args.init}"] if args.init else [])
+    recipe = load_recipe(resolve_recipe(args.recipe), overrides, Stage2Recipe)
+    if not recipe.data.train:
+        raise SystemExit("data.train is empty: set it in the recipe or with --set data.train=PATH")
+    summary = train(recipe, args.out)
+    print(json.dumps({k: v for k, v in summary.get("generation", summary).items() if "examples" not in k}, indent=2))
+    return 0
+
+
+def cmd_train_pipeline(args: argparse.Namespace) -> int:
+    from blip2.config import PipelineRecipe, load_recipe
+    from blip2.train.loop import train_pipeline
+
+    recipe = load_recipe(resolve_recipe(args.recipe), args.set, PipelineRecipe)
+    summary = train_pipeline(recipe, args.out)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk in ("retrieval", "generation", "steps")}
+                      if isinstance(v, dict) else v for k, v in summary.items()}, indent=2, default=str))
+    return 0
+
+
+def _load_generator(path: str):
+    from blip2.model import Blip2
+
+    model = Blip2.from_dir(path)
+    if model.llm is None:
+        raise SystemExit(f"{path} is a stage-1 model (retrieval/matching only): captioning needs a stage-2 model")
+    return model.eval()
+
+
+def _decode_cfg(args: argparse.Namespace, base):
+    import dataclasses
+
+    fields = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty",
+                                            "repetition_penalty", "no_repeat_ngram_size", "do_sample", "top_p",
+                                            "temperature", "seed") if getattr(args, k, None) is not None}
+    if fields.get("do_sample") and "num_beams" not in fields:
+        fields["num_beams"] = 1
+    return dataclasses.replace(base, **fields)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from blip2.tasks import CAPTION_DECODE, image_features
+
+    model = _load_generator(args.model)
+    decode = _decode_cfg(args, CAPTION_DECODE)
+    for path in args.images:
+        text = model.generate(image_features(model, [path]), [args.prompt], decode)[0]
+        print(f"{path}\t{(args.prompt + ' ' + text).strip()}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from blip2.tasks import VQA_DECODE, image_features, rank_options, vqa_prompt
+
+    model = _load_generator(args.model)
+    feats = image_features(model, [args.image])
+    prompt = vqa_prompt(model.llm, args.question)
+    if args.options:
+        options = [o.strip() for o in args.options.split(",") if o.strip()]
+        scores = rank_options(model, feats, [prompt], options)[0]
+        for o, sc in sorted(zip(options, scores.tolist(), strict=True), key=lambda x: -x[1]):
+            print(f"{o}\t{sc:.3f}")
+        return 0
+    print(model.generate(feats, [prompt], _decode_cfg(args, VQA_DECODE))[0])
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from blip2.tasks import VQA_DECODE, chat_prompt, image_features
+
+    model = _load_generator(args.model)
+    feats = image_features(model, [args.image])
+    decode = _decode_cfg(args, VQA_DECODE)
+    history: list[tuple[str, str]] = []
+    print("Ask about the image (empty line or Ctrl-D to quit).", file=sys.stderr)
+    for line in sys.stdin:
+        question = line.strip()
+        if not question:
+            break
+        answer = model.generate(feats, [chat_prompt(model.llm, history, question)], decode)[0]
+        history.append((question, answer))
+        print(answer, flush=True)
+    return 0
+
+
+def cmd_eval_caption(args: argparse.Namespace) -> int:
+    from blip2.config import CaptionEvalConfig
+    from blip2.eval.caption import evaluate_generation
+    from blip2.tasks import CAPTION_DECODE
+
+    model = _load_generator(args.model)
+    cfg = CaptionEvalConfig(max_images=args.max_images, batch_size=args.batch_size,
+                            decode=_decode_cfg(args, CAPTION_DECODE))
+    result = evaluate_generation(model, args.data, args.images, args.split, cfg, args.cache_dir, args.workers,
+                                 progress=not args.json, prompt=args.prompt)
+    _print_result(result, args.json)
+    return 0
+
+
+def cmd_eval_vqa(args: argparse.Namespace) -> int:
+    from blip2.eval.vqa import evaluate_vqa, load_questions
+    from blip2.tasks import VQA_DECODE
+
+    model = _load_generator(args.model)
+    questions = load_questions(args.data, args.images, args.split)[: args.max_questions]
+    options = [o.strip() for o in args.options.split(",")] if args.options else None
+    result = evaluate_vqa(model, questions, _decode_cfg(args, VQA_DECODE), args.batch_size, options,
+                          cache_dir=args.cache_dir, num_workers=args.workers, progress=not args.json)
+    _print_result(result, args.json)
+    return 0
+
+
+def _print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    for k, v in result.items():
+        if isinstance(v, float):
+            print(f"{k:14s} {v:7.2f}")
+        elif not isinstance(v, list):
+            print(f"{k:14s} {v}")
+    for ex in result.get("examples", [])[:5]:
+        print(json.dumps(ex))
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding (defaults: the paper's setting for the task)")
+    g.add_argument("--num-beams", dest="num_beams", type=int)
+    g.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    g.add_argument("--min-new-tokens", dest="min_new_tokens", type=int)
+    g.add_argument("--length-penalty", dest="length_penalty", type=float)
+    g.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
+    g.add_argument("--no-repeat-ngram-size", dest="no_repeat_ngram_size", type=int)
+    g.add_argument("--sample", dest="do_sample", action="store_const", const=True,
+                   help="nucleus sampling instead of beam search (sets --num-beams 1)")
+    g.add_argument("--top-p", dest="top_p", type=float)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--seed", type=int)
+
+
+def _data_args(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--model", required=True, help="model directory (model.safetensors + config.json)")
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--images", default=None, help="image root (default: images/ beside --data)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cache-dir", default=None, help="feature cache root (default ~/.cache/blip2/features)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from blip2.config import EvalConfig
     from blip2.eval.retrieval import evaluate_split
@@ -83,6 +238,39 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a recipe field, e.g. --set train.steps=100 (repeatable)")
     s1.add_argument("--out", required=True, help="run directory (resumes from its last checkpoint)")
     s1.set_defaults(func=cmd_train_stage1)
+    s2 = train.add_parser("stage2", help="stage-2 generative learning through a frozen LLM")
+    s2.add_argument("--recipe", required=True, help="YAML recipe file or packaged recipe name")
+    s2.add_argument("--init", default=None, help="stage-1 model directory to start from (omit: no stage 1)")
+    s2.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    s2.add_argument("--out", required=True, help="run directory (resumes from its last checkpoint)")
+    s2.set_defaults(func=cmd_train_stage2)
+    pl = train.add_parser("pipeline", help="stage 1, then stage 2 from its model (recipe with stage1: and stage2:)")
+    pl.add_argument("--recipe", required=True, help="YAML recipe file or packaged recipe name")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field, e.g. --set stage2.train.steps=100 or --set run_stage1=false")
+    pl.add_argument("--out", required=True, help="run directory (stage1/ and stage2/ inside; resumes)")
+    pl.set_defaults(func=cmd_train_pipeline)
+
+    c = sub.add_parser("caption", help="caption images with a stage-2 model")
+    c.add_argument("--model", required=True)
+    c.add_argument("images", nargs="+")
+    c.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"')
+    _decode_args(c)
+    c.set_defaults(func=cmd_caption)
+
+    a = sub.add_parser("ask", help="answer a question about an image (zero-shot VQA)")
+    a.add_argument("--model", required=True)
+    a.add_argument("image")
+    a.add_argument("question")
+    a.add_argument("--options", default=None, help="comma-separated closed set (e.g. yes,no): rank by likelihood")
+    _decode_args(a)
+    a.set_defaults(func=cmd_ask)
+
+    ch = sub.add_parser("chat", help="multi-turn chat about an image (reads questions from stdin)")
+    ch.add_argument("--model", required=True)
+    ch.add_argument("image")
+    _decode_args(ch)
+    ch.set_defaults(func=cmd_chat)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="task", required=True)
     r = ev.add_parser("retrieval", help="image-text retrieval recall@1/5/10 (TR and IR)")
@@ -97,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_eval_retrieval)
+
+    ec = ev.add_parser("caption", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr on a split")
+    _data_args(ec, "Karpathy JSON or JSONL captions")
+    ec.add_argument("--prompt", default="")
+    ec.add_argument("--max-images", type=int, default=None)
+    _decode_args(ec)
+    ec.set_defaults(func=cmd_eval_caption)
+
+    ev_vqa = ev.add_parser("vqa", help="VQA accuracy (and yes/no F1) on a question file")
+    _data_args(ev_vqa, "questions: {'questions': [...]} JSON, JSONL, or Karpathy JSON with qa lists")
+    ev_vqa.add_argument("--options", default=None, help="comma-separated closed set ranked by likelihood")
+    ev_vqa.add_argument("--max-questions", type=int, default=None)
+    _decode_args(ev_vqa)
+    ev_vqa.set_defaults(func=cmd_eval_vqa)
 
     sc = sub.add_parser("scenes", help="write the procedural shapes dataset")
     sc.add_argument("--out", required=True)

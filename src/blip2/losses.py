@@ -1,4 +1,5 @@
-"""Stage-1 objectives (ITC, ITM, ITG) as modules that take rank / world size explicitly.
+"""Stage-1 objectives (ITC, ITM, ITG) as modules that take rank / world size explicitly, and the
+stage-2 language-modelling objective through the frozen LLM.
 
 Nothing here asks torch.distributed who it is: with world_size == 1 no collective is called, so
 single-process training needs no process group. With world_size > 1 the caller's default process
@@ -231,3 +232,45 @@ class Stage1Loss(nn.Module):
         out = {k: v.detach() for k, v in terms.items()}
         out["loss"] = sum(terms.values())  # type: ignore[assignment]
         return out
+
+
+# --------------------------------------------------------------------------- stage 2
+
+
+def split_prefix(tokens: list[int], generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """Prefix-LM split for encoder-decoder LLMs: the split point is drawn uniformly from token 1
+    to the middle of the text, so neither side is ever empty (texts of one token are not split)."""
+    n = len(tokens)
+    if n < 2:
+        return [], tokens
+    cut = int(torch.randint(1, n // 2 + 1, (1,), generator=generator))  # 1 <= cut <= n // 2 < n
+    return tokens[:cut], tokens[cut:]
+
+
+class Stage2Loss(nn.Module):
+    """LM loss of the frozen LLM on the text, conditioned on the soft visual prompt (+ prompt).
+
+    Decoder-only: [queries | prompt | text | eos], loss on text + eos. Encoder-decoder: prompt (or,
+    without one, a random prefix of the text when `prefix_split == "random"`) goes to the encoder
+    with the queries, the rest of the text is the decoder target.
+    """
+
+    def __init__(self, prefix_split: str = "random"):
+        super().__init__()
+        self.prefix_split = prefix_split
+
+    def forward(self, model: Blip2, image_feats: torch.Tensor, prompts: list[str], texts: list[str],
+                generator: torch.Generator) -> dict[str, torch.Tensor]:
+        lm, cfg = model.llm, model.cfg.llm
+        assert lm is not None and cfg is not None, "stage 2 needs a model with an LLM"
+        # Texts after a prompt start with a space so that BPE tokenizers see them as they would in
+        # running text (sentencepiece tokenizers ignore it).
+        prompt_ids = lm.encode(prompts, cfg.max_prompt_len)
+        target_ids = lm.encode([(" " + t if p else t) for p, t in zip(prompts, texts, strict=True)],
+                               cfg.max_text_len)
+        if lm.is_encoder_decoder and self.prefix_split == "random":
+            for i, p in enumerate(prompts):
+                if not p:
+                    prompt_ids[i], target_ids[i] = split_prefix(target_ids[i], generator)
+        loss = lm.loss(model.soft_prompt(image_feats), prompt_ids, target_ids)
+        return {"loss": loss, "lm": loss.detach()}

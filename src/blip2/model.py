@@ -1,4 +1,5 @@
-"""Blip2: frozen image encoder + Q-Former + stage-1 heads (ITC projections, ITM head, ITG head).
+"""Blip2: frozen image encoder + Q-Former + stage-1 heads (ITC projections, ITM head, ITG head),
+and for stage 2 a projection into a frozen LLM that turns the queries into a soft visual prompt.
 
 Building from a config creates randomly initialised trainable parts and never reads a network;
 initialisation from BERT (`load_bert_init`) and loading trained weights (`Blip2.from_dir`) are
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from blip2.config import Blip2Config, from_dict, to_dict
+from blip2.config import Blip2Config, DecodeConfig, from_dict, to_dict
 from blip2.io import atomic_dir, read_json, write_json
+from blip2.llm import FrozenLM
 from blip2.qformer import KV, QFormer
 from blip2.vision import FrozenImageEncoder, build_vision_encoder
 
@@ -25,10 +27,23 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+FROZEN_PREFIXES = ("vision.", "llm.")  # weights that come from their own sources, never saved with ours
+# Q-Former parts only the text branch uses (stage-1 heads included); stage 2 leaves them untouched.
+TEXT_ONLY = ("qformer.embeddings.word_embeddings.", "qformer.embeddings.position_embeddings.", "qformer.lm_head.",
+             "vision_proj.", "text_proj.", "itm_head.", "temp")
+
+
+def is_text_only(name: str) -> bool:
+    """Whether a parameter belongs to the text branch (incl. the text FFN of every block)."""
+    if name.startswith(TEXT_ONLY):
+        return True
+    parts = name.split(".")  # qformer.layer.<i>.intermediate.* / qformer.layer.<i>.output.*
+    return len(parts) > 3 and parts[1] == "layer" and parts[3] in ("intermediate", "output")
 
 
 class Blip2(nn.Module):
-    def __init__(self, cfg: Blip2Config, vision: FrozenImageEncoder | None = None, tokenizer: Any = None):
+    def __init__(self, cfg: Blip2Config, vision: FrozenImageEncoder | None = None, tokenizer: Any = None,
+                 llm: FrozenLM | None = None):
         super().__init__()
         qc = cfg.qformer
         if vision is not None:
@@ -49,9 +64,14 @@ class Blip2(nn.Module):
         self.text_proj = nn.Linear(qc.hidden_size, qc.embed_dim)
         self.itm_head = nn.Linear(qc.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(qc.temp_init))
-        for head in (self.vision_proj, self.text_proj, self.itm_head):
-            nn.init.normal_(head.weight, std=qc.initializer_range)
-            nn.init.zeros_(head.bias)
+        if (cfg.llm is None) != (llm is None):
+            raise ValueError("model.llm is set but no LLM was given (or the reverse): build with Blip2.build")
+        self.llm = llm
+        self.llm_proj = nn.Linear(qc.hidden_size, llm.hidden_size) if llm is not None else None
+        for head in (self.vision_proj, self.text_proj, self.itm_head, self.llm_proj):
+            if head is not None:
+                nn.init.normal_(head.weight, std=qc.initializer_range)
+                nn.init.zeros_(head.bias)
 
     # ------------------------------------------------------------------ building blocks
 
@@ -113,6 +133,38 @@ class Blip2(nn.Module):
         ids, mask = self.tokenize(texts)
         return self.itm_logits(self.ln_vision(image_feats), ids, mask).softmax(-1)[:, 1]
 
+    # ------------------------------------------------------------------ stage 2: the LLM bridge
+
+    def soft_prompt(self, image_feats: torch.Tensor) -> torch.Tensor:
+        """Frozen features (B, N, C) -> (B, Q, H_llm) query outputs projected into the LLM's input space."""
+        if self.llm_proj is None:
+            raise RuntimeError("this is a stage-1 model (no LLM): train stage 2 first")
+        query = self.qformer(image=self.ln_vision(image_feats), use_queries=True).hidden  # (B, Q, D)
+        return self.llm_proj(query)
+
+    def freeze_text_branch(self) -> list[str]:
+        """Stage 2 trains only what the query path uses; returns the names it froze."""
+        frozen = []
+        for name, p in self.named_parameters():
+            if not name.startswith(FROZEN_PREFIXES) and is_text_only(name):
+                p.requires_grad_(False)
+                frozen.append(name)
+        return frozen
+
+    @torch.no_grad()
+    def generate(self, image_feats: torch.Tensor, prompts: list[str] | None = None,
+                 cfg: DecodeConfig | None = None) -> list[str]:
+        """Frozen features (B, N, C) [+ one prompt per image] -> generated text per image."""
+        from blip2.generate import generate_ids
+
+        assert self.llm is not None, "this is a stage-1 model (no LLM): train stage 2 first"
+        prompts = prompts if prompts is not None else [""] * image_feats.shape[0]
+        if len(prompts) != image_feats.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {image_feats.shape[0]} images")
+        ids = self.llm.encode(prompts, self.cfg.llm.max_prompt_len)
+        out = generate_ids(self.llm, self.soft_prompt(image_feats), ids, cfg or DecodeConfig())
+        return [self.llm.decode(x) for x in out]
+
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from blip2.text import clean_caption, tokenize
 
@@ -125,27 +177,34 @@ class Blip2(nn.Module):
 
     @classmethod
     def build(cls, cfg: Blip2Config, with_vision: bool = True) -> Blip2:
-        """Frozen encoder (loaded from local files) + random trainable parts + tokenizer."""
+        """Frozen encoder and LLM (loaded from local files) + random trainable parts + tokenizer."""
+        from blip2.llm import load_llm
         from blip2.text import load_tokenizer
 
         vision = build_vision_encoder(cfg.vision) if with_vision else None
         tok = load_tokenizer(cfg.qformer.tokenizer, cfg.qformer.vocab_size)
-        return cls(cfg, vision, tok)
+        llm = load_llm(cfg.llm) if cfg.llm is not None else None
+        return cls(cfg, vision, tok, llm)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything except the frozen encoder (whose weights come from its own source)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("vision.")}
+        """Everything except the frozen encoder and LLM (whose weights come from their own sources)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
 
-    def load_trainable(self, state: dict[str, torch.Tensor], source: str = "state") -> None:
-        """Strict load of the trainable weights: every key present, no extras, same shapes."""
+    def load_trainable(self, state: dict[str, torch.Tensor], source: str = "state",
+                       allow_missing: tuple[str, ...] = ()) -> None:
+        """Strict load of the trainable weights: every key present, no extras, same shapes.
+
+        `allow_missing`: key prefixes that may be absent and keep their fresh initialisation
+        (`llm_proj.` when a stage-2 model starts from a stage-1 checkpoint).
+        """
         own = self.trainable_state_dict()
-        missing = sorted(set(own) - set(state))
+        missing = sorted(k for k in set(own) - set(state) if not k.startswith(allow_missing))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise KeyError(f"{source}: {len(missing)} missing keys {missing[:5]}, "
                            f"{len(unexpected)} unexpected keys {unexpected[:5]}")
         for k, v in own.items():
-            if state[k].shape != v.shape:
+            if k in state and state[k].shape != v.shape:
                 raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}")
         self.load_state_dict(state, strict=False)
 

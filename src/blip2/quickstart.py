@@ -1,4 +1,5 @@
-"""The embedded default job: procedural scenes -> stage 1 on the packaged parts -> retrieval report.
+"""The embedded default job: procedural scenes -> stage 1 -> retrieval -> stage 2 through the packaged
+SmolLM2 -> captions and answers for held-out scenes, all in one report.
 
 Needs nothing but the pip-installed packages; about 10 minutes on a 2-core CPU.
 """
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from blip2.cli import RECIPES
-from blip2.config import load_recipe
+from blip2.config import Stage2Recipe, load_recipe
 from blip2.data.cache import cached_features
 from blip2.data.records import load_records
 from blip2.data.scenes import write_scenes
@@ -23,32 +24,47 @@ from blip2.io import write_json
 from blip2.model import Blip2
 from blip2.retrieval import itc_similarity
 from blip2.text import clean_caption
-from blip2.train.loop import train_stage1
+from blip2.train.loop import train, train_stage1
 
 log = logging.getLogger(__name__)
 
 
 def run_quickstart(out: str | Path, steps: int | None = None, n_train: int = 1500, n_val: int = 200,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, stage2_steps: int | None = None, extra: tuple[str, ...] = (),
+                   extra_stage2: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run the whole default job in `out`; `extra`/`extra_stage2` are recipe overrides (tests shrink it)."""
     out = Path(out)
     t0 = time.perf_counter()
     ann = write_scenes(out / "data", n_train, n_val, seed=0)
     t_data = time.perf_counter() - t0
-    overrides = [f"data.train={ann}", f"data.cache_dir={out / 'cache'}"]
+    overrides = [f"data.train={ann}", f"data.cache_dir={out / 'cache'}", *extra]
     if steps is not None:
         overrides.append(f"train.steps={steps}")
     recipe = load_recipe(RECIPES / "quickstart-stage1.yaml", overrides)
-    summary = train_stage1(recipe, out / "run", progress=progress)
+    summary = train_stage1(recipe, out / "stage1", progress=progress)
+    t_stage1 = time.perf_counter() - t0
     retrieval = summary["retrieval"]
-    examples = _examples(out / "run" / "model", ann, recipe.data.cache_dir)
+    examples = _examples(out / "stage1" / "model", ann, recipe.data.cache_dir)
+
+    s2_overrides = [f"data.train={ann}", f"data.cache_dir={out / 'cache'}", f"stage2.init={out / 'stage1' / 'model'}",
+                    *extra_stage2]
+    if stage2_steps is not None:
+        s2_overrides.append(f"train.steps={stage2_steps}")
+    recipe2 = load_recipe(RECIPES / "quickstart-stage2.yaml", s2_overrides, Stage2Recipe)
+    summary2 = train(recipe2, out / "stage2", progress=progress)
     result = {
         "retrieval": retrieval,
         "chance": {"tr_r1": 100.0 / retrieval["num_images"], "ir_r1": 100.0 / retrieval["num_images"]},
         "train": summary["data"] | {"steps": recipe.train.steps, "batch_size": recipe.train.batch_size},
-        "seconds": {"data": round(t_data, 1), "total": round(time.perf_counter() - t0, 1)},
+        "generation": summary2.get("generation", {}),
+        "train_stage2": summary2["data"] | {"steps": recipe2.train.steps, "batch_size": recipe2.train.batch_size},
+        "seconds": {"data": round(t_data, 1), "stage1": round(t_stage1, 1),
+                    "stage2": round(time.perf_counter() - t0 - t_stage1, 1),
+                    "total": round(time.perf_counter() - t0, 1)},
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
-        "model_dir": str(out / "run" / "model"),
+        "model_dir": str(out / "stage1" / "model"),
+        "stage2_model_dir": str(out / "stage2" / "model"),
         "examples": examples,
     }
     write_json(out / "summary.json", result)
@@ -99,7 +115,7 @@ def _report(r: dict[str, Any]) -> str:
         "",
         f"Chance R@1: text retrieval {r['chance']['tr_r1']:.2f}, image retrieval {r['chance']['ir_r1']:.2f}.",
         "",
-        "Training curves: `run/loss_curves.png`; metrics: `run/metrics.jsonl`.",
+        "Training curves: `stage1/loss_curves.png`; metrics: `stage1/metrics.jsonl`.",
         "",
         "## Examples (top-3 captions by ITC)",
         "",
@@ -108,6 +124,21 @@ def _report(r: dict[str, Any]) -> str:
         lines.append(f"- `{ex['image']}` — truth: *{ex['truth']}*")
         for cap, ok in zip(ex["retrieved"], ex["correct"], strict=True):
             lines.append(f"  - {'✔' if ok else '✘'} {cap}")
+    g, t2 = r["generation"], r["train_stage2"]
+    lines += ["", "## Stage 2: captions and answers through the frozen SmolLM2-135M", "",
+              f"{t2['steps']} steps of batch {t2['batch_size']} on {t2['pairs']} caption and question/answer pairs, "
+              "starting from the stage-1 Q-Former; the LLM stays frozen.", ""]
+    if "cider" in g:
+        lines += [f"Captions for {g['num_images']} held-out scenes (beam search): "
+                  + ", ".join(f"{k} {g[k]:.1f}" for k in ("bleu4", "meteor", "rouge_l", "cider")) + ".", ""]
+    if "vqa_accuracy" in g:
+        lines += [f"Answers to {g['vqa_questions']} questions about them: accuracy {g['vqa_accuracy']:.1f}% "
+                  "(exact match after VQA answer normalisation).", ""]
+    for ex in g.get("examples", []):
+        lines.append(f"- `{Path(ex['image']).name}` — generated: *{ex['caption']}* — truth: *{ex['references'][0]}*")
+    if g.get("vqa_examples"):
+        lines += ["", "| question | truth | answer |", "|---|---|---|"]
+        lines += [f"| {ex['question']} | {ex['answer']} | {ex['predicted']} |" for ex in g["vqa_examples"]]
     return "\n".join(lines) + "\n"
 
 

@@ -56,7 +56,7 @@ def test_train_kill_resume_is_bit_identical_then_eval(scenes, tmp_path, capsys):
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["retrieval"]["num_images"] == 6 and summary["data"]["images"] == 12
     cfg = json.loads((tmp_path / "a" / "model" / "config.json").read_text())
-    assert cfg["meta"]["itc_grad"] == "reference"
+    assert cfg["meta"]["recipe"]["loss"]["itc_grad"] == "reference" and cfg["meta"]["stage"] == 1
     assert (tmp_path / "a" / "loss_curves.png").is_file()
 
     capsys.readouterr()

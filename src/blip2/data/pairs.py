@@ -18,11 +18,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
-    ids: torch.Tensor  # (B, T) token ids, [CLS] first, right-padded
-    mask: torch.Tensor  # (B, T) 1 = real token
+    ids: torch.Tensor | None  # (B, T) Q-Former token ids, [CLS] first, right-padded (None in stage 2)
+    mask: torch.Tensor | None  # (B, T) 1 = real token
     image_ids: torch.Tensor  # (B,) index of the image each caption belongs to
     image_feats: torch.Tensor | None = None  # (B, N, C) frozen features (cached mode)
     pixels: torch.Tensor | None = None  # (B, 3, S, S) (online mode)
+    prompts: list[str] | None = None  # stage 2: the LLM prompt of each text ("" = none)
+    texts: list[str] | None = None  # the caption / answer of each pair
 
 
 class EpochSampler:
@@ -59,22 +61,28 @@ class EpochSampler:
 
 
 class Pairs:
-    """Every (image, caption) pair of the records whose image is usable.
+    """Every (image, prompt, text) pair of the records whose image is usable.
 
+    Captions get `caption_prompt`; with a `qa_template`, each annotated question/answer adds a pair
+    (prompt = the template filled with the question, text = the answer). With a `tokenizer` (stage 1)
+    batches carry Q-Former token ids; stage 2 tokenizes for its LLM itself.
     With `features` (aligned with `records`) batches carry cached features; without, batches
     carry pixels decoded on the fly (augmented when `augment`) for the encoder to run each step.
     """
 
     def __init__(self, records: list[ImageRecord], tokenizer, max_len: int,
                  features: torch.Tensor | None = None, encoder: FrozenImageEncoder | None = None,
-                 augment: bool = False, seed: int = 0):
+                 augment: bool = False, seed: int = 0, caption_prompt: str = "", qa_template: str | None = None):
         if features is None and encoder is None:
             raise ValueError("Pairs needs cached features or the encoder's preprocessing")
         self.records, self.tokenizer, self.max_len = records, tokenizer, max_len
         self.features, self.encoder, self.augment = features, encoder, augment
         self.rng = random.Random(seed)
-        self.pairs = [(i, clean_caption(c)) for i, r in enumerate(records) for c in r.captions]
-        self.pairs = [(i, c) for i, c in self.pairs if c]
+        self.pairs = [(i, caption_prompt, clean_caption(c)) for i, r in enumerate(records) for c in r.captions]
+        if qa_template:
+            self.pairs += [(i, qa_template.format(q.strip()), a.strip()) for i, r in enumerate(records)
+                           for q, a in r.qa]
+        self.pairs = [(i, p, c) for i, p, c in self.pairs if c]
         if not self.pairs:
             raise ValueError("no usable image-caption pairs")
 
@@ -83,10 +91,12 @@ class Pairs:
 
     def batch(self, indices: torch.Tensor) -> Batch:
         chosen = [self.pairs[int(k)] for k in indices]
-        image_idx = torch.tensor([i for i, _ in chosen])
-        ids, mask = tokenize(self.tokenizer, [c for _, c in chosen], self.max_len)
+        image_idx = torch.tensor([i for i, _, _ in chosen])
+        prompts, texts = [p for _, p, _ in chosen], [c for _, _, c in chosen]
+        ids, mask = tokenize(self.tokenizer, texts, self.max_len) if self.tokenizer is not None else (None, None)
         if self.features is not None:
-            return Batch(ids, mask, image_idx, image_feats=self.features[image_idx].float())
+            return Batch(ids, mask, image_idx, image_feats=self.features[image_idx].float(), prompts=prompts,
+                         texts=texts)
         assert self.encoder is not None
         pre = self.encoder.preprocess
         imgs = [load_rgb(self.records[int(i)].path) for i in image_idx]
@@ -94,4 +104,4 @@ class Pairs:
             pixels = torch.stack([train_transform(im, pre, self.rng) for im in imgs])
         else:
             pixels = torch.stack([eval_transform(im, pre) for im in imgs])
-        return Batch(ids, mask, image_idx, pixels=pixels)
+        return Batch(ids, mask, image_idx, pixels=pixels, prompts=prompts, texts=texts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -14,16 +14,18 @@ log = logging.getLogger(__name__)
 class ImageRecord:
     path: str  # absolute image path
     captions: list[str]
+    qa: list[tuple[str, str]] = field(default_factory=list)  # (question, answer) pairs, if annotated
 
 
 def load_records(annotations: str | Path, images: str | Path | None = None,
                  split: str | None = None) -> list[ImageRecord]:
     """Read images with their captions, in file order.
 
-    Karpathy JSON: {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}.
-    JSONL: one {"image": path, "caption": text} (or "captions": [...], optional "split") per line;
-    lines for the same image are grouped. Relative image paths resolve against `images`
-    (default: an `images/` folder beside the annotations, else the annotations' folder).
+    Karpathy JSON: {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}],
+    "qa"?: [{"question", "answer"}]}]}. JSONL: one {"image": path, "caption": text} (or "captions":
+    [...], or "question" + "answer"; optional "split") per line; lines for the same image are
+    grouped. Relative image paths resolve against `images` (default: an `images/` folder beside
+    the annotations, else the annotations' folder).
     """
     annotations = Path(annotations)
     if not annotations.is_file():
@@ -63,7 +65,8 @@ def _load_karpathy(path: Path, root: Path, split: str | None) -> list[ImageRecor
             continue
         rel = Path(e.get("filepath", "")) / e["filename"]
         caps = [s["raw"].strip() for s in e.get("sentences", [])]
-        out.append(ImageRecord(str(root / rel), caps))
+        qa = [(q["question"], q["answer"]) for q in e.get("qa", [])]
+        out.append(ImageRecord(str(root / rel), caps, qa))
     return out
 
 
@@ -86,6 +89,8 @@ def _load_jsonl(path: Path, root: Path, split: str | None) -> list[ImageRecord]:
             full = str(root / image)
             rec = grouped.setdefault(full, ImageRecord(full, []))
             rec.captions.extend(c.strip() for c in caps if c and c.strip())
+            if "question" in row and "answer" in row:
+                rec.qa.append((str(row["question"]), str(row["answer"])))
     if split is not None and not has_split:
         log.info("%s has no 'split' field; using every line for split %r", path, split)
     return list(grouped.values())

@@ -1,4 +1,8 @@
-"""Stage-1 training, top to bottom: data -> model -> resume -> steps -> checkpoints -> eval."""
+"""Training for both stages, top to bottom: model -> data -> resume -> steps -> checkpoints -> eval.
+
+The two stages differ only in how the model is initialised, which pairs are read, the objective
+and the final evaluation; those are the small functions above `train`. The loop itself is shared.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from blip2.config import Stage1Recipe, from_dict, to_dict
+from blip2.config import PipelineRecipe, Stage1Recipe, Stage2Recipe, from_dict, to_dict
 from blip2.data.cache import cached_features
 from blip2.data.pairs import EpochSampler, Pairs
 from blip2.data.records import ImageRecord, has_splits, load_records
-from blip2.io import write_json
-from blip2.losses import Stage1Loss
-from blip2.model import Blip2
+from blip2.io import read_json, write_json
+from blip2.losses import Stage1Loss, Stage2Loss
+from blip2.model import CONFIG, WEIGHTS, Blip2
 from blip2.qformer import load_bert_init
 from blip2.train import checkpoint
 from blip2.train.optim import build_optimizer, lr_at
@@ -66,28 +71,118 @@ def _usable(records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
     return good, len(records) - len(good)
 
 
-def build_training_data(recipe: Stage1Recipe, model: Blip2) -> tuple[Pairs, dict[str, int]]:
+Recipe = Stage1Recipe | Stage2Recipe
+
+
+def vqa_template(recipe: Stage2Recipe, model: Blip2) -> str:
+    from blip2.tasks import default_vqa_template
+
+    assert model.llm is not None
+    return recipe.stage2.qa_template or default_vqa_template(model.llm)
+
+
+def build_training_data(recipe: Recipe, model: Blip2) -> tuple[Pairs, dict[str, int]]:
     d = recipe.data
     records = load_records(d.train, d.images, d.train_split)[: d.max_images]
     assert model.vision is not None
+    text: dict[str, Any] = {"tokenizer": model.tokenizer, "max_len": recipe.model.qformer.max_text_len}
+    if isinstance(recipe, Stage2Recipe):  # the LLM tokenizes its own prompts and targets
+        text = {"tokenizer": None, "max_len": 0, "caption_prompt": recipe.stage2.caption_prompt,
+                "qa_template": vqa_template(recipe, model) if recipe.stage2.use_qa else None}
     if d.use_cache:
         cached = cached_features(model.vision, [r.path for r in records], d.cache_dir, d.num_workers)
         ok = set(cached.paths)
         usable = [r for r in records if r.path in ok]
         skipped = len(records) - len(usable)
-        pairs = Pairs(usable, model.tokenizer, recipe.model.qformer.max_text_len, features=cached.features)
+        pairs = Pairs(usable, features=cached.features, **text)
     else:
         usable, skipped = _usable(records)
-        pairs = Pairs(usable, model.tokenizer, recipe.model.qformer.max_text_len, encoder=model.vision,
-                      augment=d.augment, seed=recipe.train.seed)
+        pairs = Pairs(usable, encoder=model.vision, augment=d.augment, seed=recipe.train.seed, **text)
     stats = {"images": len(usable), "skipped_images": skipped, "pairs": len(pairs)}
     log.info("training data: %d images (%d skipped as unreadable), %d pairs", *stats.values())
     return pairs, stats
 
 
+def init_model(recipe: Recipe, model: Blip2, out: Path) -> None:
+    """Fresh-run initialisation: the Q-Former from BERT, or stage 2 from a stage-1 model."""
+    init_dir = recipe.stage2.init if isinstance(recipe, Stage2Recipe) else ""
+    if init_dir:
+        model.load_trainable(load_file(str(Path(init_dir) / WEIGHTS)), source=init_dir, allow_missing=("llm_proj.",))
+        write_json(out / "init_report.json", {"stage1_model": str(init_dir), "new": ["llm_proj.weight",
+                                                                                       "llm_proj.bias"]})
+    elif recipe.model.qformer.init != "none":
+        write_json(out / "init_report.json", load_bert_init(model.qformer, recipe.model.qformer.init))
+
+
+def resolve_stage2_model(recipe: Stage2Recipe) -> None:
+    """A stage-2 run from a stage-1 model takes that model's encoder and Q-Former config."""
+    if recipe.stage2.init:
+        doc = read_json(Path(recipe.stage2.init) / CONFIG)
+        stage1 = from_dict(type(recipe.model), doc["model"])
+        recipe.model.vision, recipe.model.qformer = stage1.vision, stage1.qformer
+
+
+def objective_for(recipe: Recipe):
+    """batch -> dict of loss terms ("loss" is optimised)."""
+    if isinstance(recipe, Stage2Recipe):
+        lm = Stage2Loss(recipe.stage2.prefix_split)
+        return lambda model, batch, feats, gen: lm(model, feats, batch.prompts, batch.texts, gen)
+    lc = recipe.loss
+    s1 = Stage1Loss(lc.itc, lc.itm, lc.itg, lc.label_smoothing, lc.itc_grad, lc.itc_targets, rank=0, world_size=1)
+    return lambda model, batch, feats, gen: s1(model, feats, batch.ids, batch.mask, batch.image_ids, gen)
+
+
+def evaluate(recipe: Recipe, model: Blip2, progress: bool) -> dict[str, Any]:
+    val = _val_annotations(recipe)
+    if not (recipe.eval.enabled and val):
+        return {}
+    d = recipe.data
+    if isinstance(recipe, Stage2Recipe):
+        from blip2.eval.caption import evaluate_generation
+
+        return {"generation": evaluate_generation(model, val, d.images, d.val_split, recipe.eval, d.cache_dir,
+                                                  d.num_workers, progress, prompt=recipe.stage2.caption_prompt,
+                                                  qa_template=vqa_template(recipe, model))}
+    from blip2.eval.retrieval import evaluate_split
+
+    return {"retrieval": evaluate_split(model, val, d.images, d.val_split, recipe.eval, d.cache_dir,
+                                        d.num_workers, progress)}
+
+
+def train_pipeline(recipe: PipelineRecipe, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Stage 1 into out/stage1, then stage 2 from its model into out/stage2; a finished stage is kept
+    (rerunning the command resumes the unfinished one). Writes out/summary.json with wall times."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {"run_stage1": recipe.run_stage1}
+    if recipe.run_stage1:
+        summary["stage1"] = _finished(out / "stage1") or train(recipe.stage1, out / "stage1", progress=progress)
+        recipe.stage2.stage2.init = str(out / "stage1" / "model")
+    else:
+        recipe.stage2.stage2.init = ""
+    t1 = time.perf_counter()
+    summary["stage2"] = _finished(out / "stage2") or train(recipe.stage2, out / "stage2", progress=progress)
+    summary["seconds_this_invocation"] = {"stage1": round(t1 - t0, 1), "stage2": round(time.perf_counter() - t1, 1)}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _finished(run: Path) -> dict[str, Any] | None:
+    done = run / "summary.json"
+    return read_json(done) if done.is_file() and (run / "model" / CONFIG).is_file() else None
+
+
 def train_stage1(recipe: Stage1Recipe, out: str | Path, stop_after: int | None = None,
                  progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) stage 1 in `out`; returns a summary. `stop_after` simulates a kill."""
+    return train(recipe, out, stop_after, progress)
+
+
+def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) a stage-1 or stage-2 recipe in `out`; returns a summary.
+
+    `stop_after` stops after that many steps, as a kill would (used by the resume tests).
+    """
+    stage = 2 if isinstance(recipe, Stage2Recipe) else 1
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tc = recipe.train
@@ -98,8 +193,10 @@ def train_stage1(recipe: Stage1Recipe, out: str | Path, stop_after: int | None =
     # Resume point: read and validate fully before anything is written.
     ckpt_path = checkpoint.latest(out)
     ckpt = checkpoint.load(ckpt_path) if ckpt_path else None
+    if stage == 2:
+        resolve_stage2_model(recipe)
     if ckpt is not None:
-        saved = from_dict(Stage1Recipe, ckpt.recipe)
+        saved = from_dict(type(recipe), ckpt.recipe)
         if to_dict(saved.model) != to_dict(_resolved_model_cfg(recipe, saved)):
             raise ValueError(f"{ckpt.path} was trained with a different model config; use a new --out "
                              "directory or the recipe saved in its config.json")
@@ -108,14 +205,14 @@ def train_stage1(recipe: Stage1Recipe, out: str | Path, stop_after: int | None =
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     model = Blip2.build(recipe.model)
-    if ckpt is None and recipe.model.qformer.init != "none":
-        report = load_bert_init(model.qformer, recipe.model.qformer.init)
-        write_json(out / "init_report.json", report)
+    if ckpt is None:
+        init_model(recipe, model, out)
+    if stage == 2:
+        model.freeze_text_branch()
     pairs, data_stats = build_training_data(recipe, model)
     sampler = EpochSampler(len(pairs), tc.batch_size, tc.seed)
     optimizer = build_optimizer(model, tc)
-    objective = Stage1Loss(recipe.loss.itc, recipe.loss.itm, recipe.loss.itg, recipe.loss.label_smoothing,
-                           recipe.loss.itc_grad, recipe.loss.itc_targets, rank=0, world_size=1)
+    objective = objective_for(recipe)
     # Re-seed after data preparation: whether the feature cache already existed (its DataLoader draws
     # from the global RNG) must not change the training trajectory.
     torch.manual_seed(tc.seed + 1)
@@ -133,7 +230,7 @@ def train_stage1(recipe: Stage1Recipe, out: str | Path, stop_after: int | None =
     write_json(out / "recipe.json", recipe_dict)
 
     metrics = MetricsLog(out)
-    bar = tqdm(total=tc.steps, initial=start, desc="stage 1", unit="step", disable=not progress)
+    bar = tqdm(total=tc.steps, initial=start, desc=f"stage {stage}", unit="step", disable=not progress)
     window_t, window_n = time.perf_counter(), 0
     step = start
     while step < tc.steps:
@@ -146,7 +243,7 @@ def train_stage1(recipe: Stage1Recipe, out: str | Path, stop_after: int | None =
             batch = pairs.batch(sampler.next())
             feats = batch.image_feats if batch.image_feats is not None else model.image_features(batch.pixels)
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * tc.grad_accum + micro)
-            terms = objective(model, feats, batch.ids, batch.mask, batch.image_ids, gen)
+            terms = objective(model, batch, feats, gen)
             (terms["loss"] / tc.grad_accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / tc.grad_accum
@@ -160,8 +257,10 @@ def train_stage1(recipe: Stage1Recipe, out: str | Path, stop_after: int | None =
         if step % tc.log_every == 0 or step == tc.steps:
             elapsed = time.perf_counter() - window_t
             row = {"step": step, **{k: round(v, 5) for k, v in totals.items()}, "lr": lr,
-                   "temp": model.temp.item(), "grad_norm": float(grad_norm), "epoch": sampler.epoch,
+                   "grad_norm": float(grad_norm), "epoch": sampler.epoch,
                    "samples_per_s": round(window_n / elapsed, 2)}
+            if stage == 1:
+                row["temp"] = model.temp.item()
             metrics.write(row)
             bar.set_postfix(loss=f"{totals['loss']:.3f}", sps=row["samples_per_s"])
             window_t, window_n = time.perf_counter(), 0
@@ -175,21 +274,16 @@ def train_stage1(recipe: Stage1Recipe, out: str | Path, stop_after: int | None =
     bar.close()
     metrics.close()
 
-    meta = {"stage": 1, "itc_grad": recipe.loss.itc_grad, "steps": tc.steps, "recipe": recipe_dict}
+    meta = {"stage": stage, "steps": tc.steps, "recipe": recipe_dict}
     model.save(out / "model", meta)
-    summary: dict[str, Any] = {"steps": tc.steps, "data": data_stats, "model_dir": str(out / "model")}
-    _plot_curves(out)
-    val = _val_annotations(recipe)
-    if recipe.eval.enabled and val:
-        from blip2.eval.retrieval import evaluate_split
-
-        summary["retrieval"] = evaluate_split(model, val, recipe.data.images, recipe.data.val_split,
-                                              recipe.eval, recipe.data.cache_dir, recipe.data.num_workers, progress)
+    summary: dict[str, Any] = {"stage": stage, "steps": tc.steps, "data": data_stats, "model_dir": str(out / "model")}
+    _plot_curves(out, stage)
+    summary.update(evaluate(recipe, model, progress))
     write_json(out / "summary.json", summary)
     return summary
 
 
-def _val_annotations(recipe: Stage1Recipe) -> str:
+def _val_annotations(recipe: Recipe) -> str:
     """Where end-of-run evaluation reads from; "" when there is no held-out split to use."""
     d = recipe.data
     if d.val:
@@ -200,7 +294,7 @@ def _val_annotations(recipe: Stage1Recipe) -> str:
     return d.train
 
 
-def _resolved_model_cfg(recipe: Stage1Recipe, saved: Stage1Recipe):
+def _resolved_model_cfg(recipe: Recipe, saved: Recipe):
     """The current recipe's model config with the encoder-derived width filled in as saved."""
     cfg = from_dict(type(recipe.model), to_dict(recipe.model))
     if cfg.qformer.vision_width is None:
@@ -216,7 +310,7 @@ def _tuple_state(state: list) -> tuple:
     return (state[0], tuple(state[1]), state[2])
 
 
-def _plot_curves(out: Path) -> None:
+def _plot_curves(out: Path, stage: int = 1) -> None:
     """metrics.jsonl -> loss_curves.png (skipped quietly if matplotlib is not installed)."""
     try:
         import matplotlib
@@ -229,13 +323,13 @@ def _plot_curves(out: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "itc", "itm", "itg"):
+    for key in ("loss", "itc", "itm", "itg") if stage == 1 else ("loss",):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts, strict=True), label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("stage-1 training losses")
+    ax.set_title(f"stage-{stage} training losses")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=100)

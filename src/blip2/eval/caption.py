@@ -1,0 +1,101 @@
+"""Captioning metrics through the COCO caption evaluation package, and generation evaluation
+(captions, plus VQA when the annotations carry questions) on a dataset split."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from blip2.config import CaptionEvalConfig, DecodeConfig
+from blip2.data.cache import cached_features
+from blip2.data.records import load_records
+from blip2.eval.vqa import vqa_accuracy
+from blip2.model import Blip2
+from blip2.tasks import VQA_DECODE
+
+log = logging.getLogger(__name__)
+
+
+def caption_metrics(references: dict[int, list[str]], candidates: dict[int, str]) -> dict[str, float]:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (x100, as papers report them) with pycocoevalcap.
+
+    Both sides go through the PTB tokenizer first, as the COCO evaluation server does (the tokenizer
+    and METEOR run Java). SPICE is not computed: it needs Stanford CoreNLP models from the network.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    if set(references) != set(candidates):
+        raise ValueError("references and candidates must cover the same ids")
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
+    res = tok.tokenize({k: [{"caption": v}] for k, v in candidates.items()})
+    out: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    for n, b in enumerate(bleu, 1):
+        out[f"bleu{n}"] = 100 * b
+    meteor = Meteor()
+    try:
+        out["meteor"] = 100 * meteor.compute_score(gts, res)[0]
+    finally:
+        with meteor.lock:
+            meteor.meteor_p.stdin.close()
+            meteor.meteor_p.kill()
+            meteor.meteor_p.wait()
+    out["rouge_l"] = 100 * Rouge().compute_score(gts, res)[0]
+    out["cider"] = 100 * float(Cider().compute_score(gts, res)[0])
+    return out
+
+
+def generate_for(model: Blip2, feats: torch.Tensor, prompts: list[str], decode: DecodeConfig, batch_size: int,
+                 progress: bool = False, desc: str = "generating") -> list[str]:
+    """Generate for (N, T, C) features in batches (one prompt per row)."""
+    out: list[str] = []
+    model.eval()
+    for s in tqdm(range(0, feats.shape[0], batch_size), desc=desc, disable=not progress):
+        out += model.generate(feats[s:s + batch_size].float(), prompts[s:s + batch_size], decode)
+    return out
+
+
+def evaluate_generation(model: Blip2, annotations: str, images: str | None, split: str, cfg: CaptionEvalConfig,
+                        cache_dir: str | None = None, num_workers: int = 2, progress: bool = True,
+                        prompt: str = "", qa_template: str = "") -> dict[str, Any]:
+    """Caption metrics on `split` and, where images carry question/answer pairs, VQA accuracy."""
+    from blip2.tasks import vqa_prompt
+
+    t0 = time.perf_counter()
+    records = load_records(annotations, images, split)[: cfg.max_images]
+    if model.vision is None:
+        raise RuntimeError("evaluation on images needs the model's vision encoder")
+    cached = cached_features(model.vision, [r.path for r in records], cache_dir, num_workers, progress)
+    by_path = {r.path: r for r in records}
+    recs = [by_path[p] for p in cached.paths]
+    captions = generate_for(model, cached.features, [prompt] * len(recs), cfg.decode, cfg.batch_size, progress,
+                            "captioning")
+    result: dict[str, Any] = {"num_images": len(recs), "skipped_images": len(cached.failed), "split": split}
+    refs = {i: r.captions for i, r in enumerate(recs) if r.captions}
+    if refs:
+        result.update(caption_metrics(refs, {i: captions[i] for i in refs}))
+    result["examples"] = [{"image": r.path, "caption": c, "references": r.captions[:2]}
+                          for r, c in list(zip(recs, captions, strict=True))[:5]]
+    qa = [(i, q, a) for i, r in enumerate(recs) for q, a in r.qa]
+    if qa:
+        assert model.llm is not None
+        idx = torch.tensor([i for i, _, _ in qa])
+        prompts = [vqa_prompt(model.llm, q, qa_template) for _, q, _ in qa]
+        answers = generate_for(model, cached.features[idx], prompts, VQA_DECODE, cfg.batch_size, progress, "vqa")
+        result["vqa_accuracy"] = 100 * sum(vqa_accuracy(p, [a]) for p, (_, _, a) in zip(answers, qa, strict=True)
+                                           ) / len(qa)
+        result["vqa_questions"] = len(qa)
+        result["vqa_examples"] = [{"question": q, "answer": a, "predicted": p}
+                                  for p, (_, q, a) in list(zip(answers, qa, strict=True))[:8]]
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    log.info("generation on %s: %s", split, {k: round(v, 2) for k, v in result.items() if isinstance(v, float)})
+    return result

@@ -1,0 +1,147 @@
+"""Decoding: greedy, beam search and nucleus sampling over a `DecodeState` (see blip2.llm).
+
+The visual prefix (soft prompt + prompt) is run once per input by `FrozenLM.start`; beam search
+then repeats that cache across beams instead of recomputing it. Scores follow transformers'
+conventions so that outputs match `generate()` token for token on the same model and inputs:
+logits processors (repetition penalty, no-repeat n-gram, minimum length) see raw logits in greedy
+and sampling and log-probabilities in beam search; beam hypotheses are ranked by summed
+log-probability / generated_length ** length_penalty, with the same early-stopping rule
+(`early_stopping=False`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blip2.config import DecodeConfig
+from blip2.llm import DecodeState, FrozenLM
+
+NEG = -1.0e9
+
+
+def generate_ids(lm: FrozenLM, soft: torch.Tensor, prompts: list[list[int]], cfg: DecodeConfig
+                 ) -> list[list[int]]:
+    """Soft prompts (B, Q, H) + prompt ids -> generated ids per input (eos and padding removed)."""
+    state = lm.start(soft, prompts)
+    if cfg.num_beams > 1:
+        out = _beam_search(state, cfg, lm.eos_id, lm.pad_id)
+    else:
+        out = _greedy_or_sample(state, cfg, lm.eos_id, lm.pad_id)
+    return [_strip(row, lm.eos_id) for row in out.tolist()]
+
+
+def _strip(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def process_scores(scores: torch.Tensor, history: torch.Tensor, n_new: int, cfg: DecodeConfig,
+                   eos: int) -> torch.Tensor:
+    """Repetition penalty, no-repeat n-gram ban and minimum length on (N, V) scores."""
+    scores = scores.clone()
+    if cfg.repetition_penalty != 1.0 and history.shape[1]:
+        seen = scores.gather(1, history)
+        seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
+        scores.scatter_(1, history, seen)
+    n = cfg.no_repeat_ngram_size
+    if n and history.shape[1] + 1 >= n:
+        for row, hist in enumerate(history.tolist()):
+            tail = tuple(hist[len(hist) - n + 1:]) if n > 1 else ()
+            banned = {hist[i + n - 1] for i in range(len(hist) - n + 1) if tuple(hist[i:i + n - 1]) == tail}
+            if banned:
+                scores[row, list(banned)] = -float("inf")
+    if n_new < cfg.min_new_tokens:
+        scores[:, eos] = -float("inf")
+    return scores
+
+
+def _warp(scores: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
+    """Temperature, top-k and top-p (nucleus) filtering of (N, V) scores before sampling."""
+    scores = scores / cfg.temperature
+    if cfg.top_k:
+        kth = scores.topk(min(cfg.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if cfg.top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1)  # ascending
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - cfg.top_p
+        drop[:, -1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return scores
+
+
+def _greedy_or_sample(state: DecodeState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
+    n = state.logits.shape[0]
+    gen = torch.Generator(device=state.logits.device).manual_seed(cfg.seed) if cfg.do_sample else None
+    start_len = state.history.shape[1]
+    finished = torch.zeros(n, dtype=torch.bool, device=state.logits.device)
+    out = []
+    for t in range(cfg.max_new_tokens):
+        scores = process_scores(state.logits, state.history, state.history.shape[1] - start_len, cfg, eos)
+        if cfg.do_sample:
+            tok = torch.multinomial(_warp(scores, cfg).softmax(-1), 1, generator=gen).squeeze(1)
+        else:
+            tok = scores.argmax(-1)
+        tok = torch.where(finished, torch.full_like(tok, pad), tok)  # (N,)
+        out.append(tok)
+        finished |= tok == eos
+        if finished.all() or t == cfg.max_new_tokens - 1:
+            break
+        state.step(tok)
+    return torch.stack(out, dim=1)
+
+
+def _beam_search(state: DecodeState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
+    """Beam search; returns the best finished hypothesis per input (B, T), padded with `pad`."""
+    b, k, lp = state.logits.shape[0], cfg.num_beams, cfg.length_penalty
+    dev = state.logits.device
+    state.expand(k)
+    start_len = state.history.shape[1]
+    top_k_mask = torch.arange(2 * k, device=dev) < k  # only the best k candidates may finish
+    run_scores = torch.full((b, k), NEG, device=dev)
+    run_scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    run_seqs = torch.full((b, k, cfg.max_new_tokens), pad, dtype=torch.long, device=dev)
+    fin_seqs = run_seqs.clone()
+    fin_scores = torch.full((b, k), NEG, device=dev)
+    fin_flag = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    offsets = torch.arange(b, device=dev)[:, None] * k  # (B, 1)
+    for t in range(cfg.max_new_tokens):
+        logp = process_scores(state.logits.log_softmax(-1), state.history, state.history.shape[1] - start_len,
+                              cfg, eos)  # (B*K, V)
+        vocab = logp.shape[-1]
+        total = (logp.view(b, k, vocab) + run_scores[:, :, None]).view(b, k * vocab)
+        cand_scores, cand_idx = total.topk(2 * k, dim=-1)  # (B, 2K)
+        cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
+        cand_seqs = _take(run_seqs, cand_beam).clone()  # (B, 2K, T)
+        cand_seqs[:, :, t] = cand_tok
+        hits = (cand_tok == eos) | (t + 1 >= cfg.max_new_tokens)  # (B, 2K) stopping criteria
+
+        # Beams that continue: the best k candidates that did not stop.
+        keep = (cand_scores + hits.float() * NEG).topk(k, dim=-1).indices  # (B, K)
+        run_seqs = _take(cand_seqs, keep)
+        run_scores = (cand_scores + hits.float() * NEG).gather(1, keep)
+        src_beam = cand_beam.gather(1, keep)  # (B, K) beam each continuing candidate came from
+
+        # Hypotheses that finish now, length-normalised, merged with the ones finished before.
+        just = hits & top_k_mask[None, :]
+        norm = cand_scores / float(t + 1) ** lp
+        norm = norm + (~improvable).float() * NEG + (~just).float() * NEG
+        merged = torch.cat([fin_scores, norm], dim=1).topk(k, dim=-1).indices  # (B, K) into 3K
+        fin_seqs = _take(torch.cat([fin_seqs, cand_seqs], dim=1), merged)
+        fin_scores = torch.cat([fin_scores, norm], dim=1).gather(1, merged)
+        fin_flag = torch.cat([fin_flag, just], dim=1).gather(1, merged)
+
+        # Can a running beam still beat the worst finished one (at its current length)?
+        best_possible = run_scores[:, :1] / float(t + 1) ** lp
+        worst = torch.where(fin_flag, fin_scores.min(dim=1, keepdim=True).values, torch.full_like(fin_scores, NEG))
+        improvable = improvable & (best_possible > worst).any(dim=-1, keepdim=True)
+        if not improvable.any() or hits.all() or t == cfg.max_new_tokens - 1:
+            break
+        state.select((src_beam + offsets).flatten())
+        state.step(run_seqs[:, :, t].flatten())
+    return fin_seqs[:, 0]
+
+
+def _take(seqs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """seqs (B, M, T), idx (B, K) -> (B, K, T): the chosen hypotheses of every input."""
+    return seqs.gather(1, idx[:, :, None].expand(-1, -1, seqs.shape[2]))

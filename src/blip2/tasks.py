@@ -1,0 +1,79 @@
+"""Task-level inference on top of `Blip2.generate`: captioning, zero-shot VQA, closed-set answers.
+
+Prompt templates are the paper's; decoding defaults are the paper's (captions: beam 5, 8-30 new
+tokens; VQA: beam 5, at most 10 new tokens, length penalty -1 to favour short answers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blip2.config import DecodeConfig
+from blip2.llm import FrozenLM
+
+VQA_TEMPLATES = {"decoder": "Question: {} Answer:", "encoder-decoder": "Question: {} Short answer:"}
+CAPTION_DECODE = DecodeConfig(num_beams=5, max_new_tokens=30, min_new_tokens=8)
+VQA_DECODE = DecodeConfig(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+
+
+def default_vqa_template(lm: FrozenLM) -> str:
+    return VQA_TEMPLATES["encoder-decoder" if lm.is_encoder_decoder else "decoder"]
+
+
+def vqa_prompt(lm: FrozenLM, question: str, template: str = "") -> str:
+    return (template or default_vqa_template(lm)).format(question.strip())
+
+
+@torch.no_grad()
+def rank_options(model, image_feats: torch.Tensor, prompts: list[str], options: list[str]) -> torch.Tensor:
+    """Closed-set answering: (B, O) log-likelihood of every option after each image's prompt.
+
+    Scores are summed token log-probabilities of the option (+ eos) under the LLM, the same
+    quantity stage 2 trains, so yes/no and multiple choice need no generation.
+    """
+    lm, cfg = model.llm, model.cfg.llm
+    assert lm is not None, "this is a stage-1 model (no LLM)"
+    soft = model.soft_prompt(image_feats)  # (B, Q, H)
+    b, n_opt = soft.shape[0], len(options)
+    scores = torch.empty(b, n_opt)
+    for j, option in enumerate(options):
+        p_ids = lm.encode(prompts, cfg.max_prompt_len)
+        t_ids = lm.encode([(" " + option if p else option) for p in prompts], cfg.max_text_len)
+        x = lm.layout(soft, p_ids, t_ids)
+        if lm.is_encoder_decoder:
+            logits = lm.model(inputs_embeds=x.embeds, attention_mask=x.mask, decoder_input_ids=x.decoder_ids).logits
+            labels = x.labels
+        else:
+            logits = lm.model(inputs_embeds=x.embeds, attention_mask=x.mask).logits[:, :-1]
+            labels = x.labels[:, 1:]
+        logp = logits.float().log_softmax(-1)
+        tok = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
+        scores[:, j] = (tok * (labels != -100)).sum(-1).cpu()
+    return scores
+
+
+def chat_prompt(lm: FrozenLM, history: list[tuple[str, str]], question: str) -> str:
+    """The LLM prompt for the next turn of a visual chat (the image is the soft prompt before it).
+
+    Uses the tokenizer's chat template when it has one; otherwise the VQA template, turn after turn.
+    """
+    tok = lm.tokenizer
+    if getattr(tok, "chat_template", None):
+        messages = []
+        for q, a in history:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": question})
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    turns = [f"{vqa_prompt(lm, q)} {a}" for q, a in history]
+    return " ".join([*turns, vqa_prompt(lm, question)])
+
+
+def image_features(model, paths: list[str]) -> torch.Tensor:
+    """Image files -> (B, N, C) frozen features with the encoder's eval preprocessing."""
+    from blip2.vision.transforms import eval_transform, load_rgb
+
+    if model.vision is None:
+        raise RuntimeError("this model was built without its vision encoder")
+    pixels = torch.stack([eval_transform(load_rgb(p), model.vision.preprocess) for p in paths])
+    with torch.no_grad():
+        return model.image_features(pixels)

@@ -1,0 +1,141 @@
+"""Stage 2 through the real entry points on CPU: stage 1 -> stage 2 (--init) -> kill -> resume
+(bit-identical) -> caption / ask / eval caption / eval vqa, with a tiny Llama-style LLM on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blip2.cli import main
+from blip2.config import Stage2Recipe, load_recipe
+from blip2.data.scenes import write_scenes
+from blip2.model import Blip2
+from blip2.train import checkpoint
+from blip2.train.loop import train
+from conftest import tiny_llama, tiny_lm_tokenizer
+
+STAGE1 = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
+          "model.qformer.hidden_size=32", "model.qformer.num_heads=4", "model.qformer.intermediate_size=64",
+          "model.qformer.num_queries=4", "model.qformer.embed_dim=16", "train.steps=3", "train.batch_size=8",
+          "data.num_workers=0", "eval.enabled=false"]
+STAGE2 = ["train.steps=5", "train.batch_size=6", "train.ckpt_every=2", "train.log_every=1", "train.warmup_steps=1",
+          "data.num_workers=0", "eval.max_images=4", "eval.batch_size=3",
+          "eval.decode.num_beams=2", "eval.decode.max_new_tokens=4", "eval.decode.min_new_tokens=1"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    ann = write_scenes(root / "data", 12, 4, size=64, seed=2)
+    llm_dir = root / "llm"
+    tiny_llama(init_std=0.02).save_pretrained(llm_dir)
+    tiny_lm_tokenizer().save_pretrained(llm_dir)
+    common = [f"data.train={ann}", f"data.cache_dir={root / 'cache'}"]
+    argv = ["train", "stage1", "--recipe", "quickstart-stage1", "--out", str(root / "s1")]
+    for s in STAGE1 + common:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    stage2 = STAGE2 + common + [f"model.llm.path={llm_dir}"]
+    return root, ann, stage2
+
+
+def _recipe(setup, extra=()):
+    root, _, stage2 = setup
+    from blip2.cli import resolve_recipe
+
+    return load_recipe(resolve_recipe("quickstart-stage2"), [*stage2, f"stage2.init={root / 's1' / 'model'}",
+                                                             *extra], Stage2Recipe)
+
+
+def test_stage2_kill_resume_bit_identical_then_inference(setup, tmp_path, capsys):
+    root, ann, stage2 = setup
+    argv = ["train", "stage2", "--recipe", "quickstart-stage2", "--init", str(root / "s1" / "model"),
+            "--out", str(tmp_path / "a")]
+    for s in stage2:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    full = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    assert "llm_proj.weight" in full and not any(k.startswith("llm.") for k in full)
+
+    # text-only parts were not trained: identical to the stage-1 model
+    s1 = load_file(str(root / "s1" / "model" / "model.safetensors"))
+    assert full["qformer.embeddings.word_embeddings.weight"].equal(s1["qformer.embeddings.word_embeddings.weight"])
+    assert full["itm_head.weight"].equal(s1["itm_head.weight"])
+    assert not full["qformer.query_tokens"].equal(s1["qformer.query_tokens"])
+
+    assert train(_recipe(setup), tmp_path / "b", stop_after=3, progress=False) == {"stopped_at": 3}
+    assert checkpoint.latest(tmp_path / "b").name == "step-00000002"
+    train(_recipe(setup), tmp_path / "b", progress=False)
+    resumed = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    for k in full:
+        assert full[k].equal(resumed[k]), k
+
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    gen = summary["generation"]
+    assert gen["num_images"] == 4 and 0 <= gen["cider"] and "bleu4" in gen and gen["vqa_questions"] > 0
+    rows = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all("lm" in r for r in rows)
+
+    model_dir = str(tmp_path / "a" / "model")
+    image = json.loads(ann.read_text())["images"][-1]
+    image_path = str(ann.parent / "images" / image["filename"])
+    capsys.readouterr()
+    assert main(["caption", "--model", model_dir, image_path, "--num-beams", "2", "--max-new-tokens", "4",
+                 "--min-new-tokens", "1"]) == 0
+    assert capsys.readouterr().out.startswith(image_path + "\t")
+    assert main(["ask", "--model", model_dir, image_path, "is there a red square?", "--options", "yes,no"]) == 0
+    ranked = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert sorted(o for o, _ in ranked) == ["no", "yes"] and float(ranked[0][1]) >= float(ranked[1][1])
+
+    assert main(["eval", "caption", "--model", model_dir, "--data", str(ann), "--split", "val", "--max-images", "3",
+                 "--num-beams", "2", "--max-new-tokens", "4", "--min-new-tokens", "1", "--workers", "0",
+                 "--cache-dir", str(root / "cache"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"} <= set(result)
+    assert main(["eval", "vqa", "--model", model_dir, "--data", str(ann), "--split", "val", "--options", "yes,no",
+                 "--workers", "0", "--cache-dir", str(root / "cache"), "--max-questions", "6", "--json"]) == 0
+    vqa = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert vqa["num_questions"] == 6 and 0 <= vqa["accuracy"] <= 100
+
+
+def test_stage2_from_scratch_and_reload_generates_the_same(setup, tmp_path):
+    """The no-stage-1 ablation path (Q-Former from its init), and save -> from_dir -> same outputs."""
+    recipe = _recipe(setup, ["stage2.init=''", "train.steps=2", "eval.enabled=false",
+                             "model.qformer.init=none", "model.vision.image_size=64", "model.qformer.num_layers=2",
+                             "model.qformer.hidden_size=32", "model.qformer.num_heads=4",
+                             "model.qformer.intermediate_size=64", "model.qformer.num_queries=4",
+                             "model.qformer.embed_dim=16"])
+    assert recipe.stage2.init == ""
+    train(recipe, tmp_path / "s", progress=False)
+    a = Blip2.from_dir(tmp_path / "s" / "model").eval()
+    b = Blip2.from_dir(tmp_path / "s" / "model").eval()
+    feats = torch.randn(2, a.vision.num_tokens, a.vision.feature_dim)
+    from blip2.config import DecodeConfig
+
+    cfg = DecodeConfig(num_beams=2, max_new_tokens=5, min_new_tokens=2)
+    assert a.generate(feats, ["", "question"], cfg) == b.generate(feats, ["", "question"], cfg)
+
+
+def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path):
+    import yaml
+
+    from blip2.config import PipelineRecipe
+    from blip2.train.loop import train_pipeline
+
+    root, ann, stage2 = setup
+    tiny_s1 = [s for s in STAGE1 if not s.startswith("train.steps")] + ["train.steps=2"]
+    overrides = [f"stage1.{s}" for s in tiny_s1] + [f"stage2.{s}" for s in stage2] + ["stage2.eval.enabled=false"]
+    overrides += [f"stage1.data.train={ann}", f"stage1.data.cache_dir={root / 'cache'}"]
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump({"stage1": {}, "stage2": {}}))
+    summary = train_pipeline(load_recipe(path, overrides, PipelineRecipe), tmp_path / "p", progress=False)
+    assert summary["stage1"]["steps"] == 2 and summary["stage2"]["steps"] == 5
+    init = json.loads((tmp_path / "p" / "stage2" / "init_report.json").read_text())
+    assert init["stage1_model"] == str(tmp_path / "p" / "stage1" / "model")
+    before = (tmp_path / "p" / "stage2" / "model" / "model.safetensors").stat().st_mtime_ns
+    again = train_pipeline(load_recipe(path, overrides, PipelineRecipe), tmp_path / "p", progress=False)
+    assert again["stage2"]["steps"] == 5
+    assert (tmp_path / "p" / "stage2" / "model" / "model.safetensors").stat().st_mtime_ns == before
