@@ -1,13 +1,29 @@
 import pytest
 
 from blip2.cli import RECIPES
-from blip2.config import QFormerConfig, Stage1LossConfig, Stage1Recipe, from_dict, load_recipe, to_dict
+from blip2.config import (
+    PipelineRecipe,
+    QFormerConfig,
+    Stage1LossConfig,
+    Stage1Recipe,
+    Stage2Recipe,
+    from_dict,
+    load_recipe,
+    to_dict,
+)
+
+KINDS = {"flickr8k-stage1": Stage1Recipe, "quickstart-stage1": Stage1Recipe, "quickstart-stage2": Stage2Recipe,
+         "flickr8k-cpu": PipelineRecipe}
 
 
 def test_packaged_recipes_parse():
-    for path in RECIPES.glob("*.yaml"):
-        recipe = load_recipe(path)
-        assert isinstance(recipe, Stage1Recipe)
+    assert {p.stem for p in RECIPES.glob("*.yaml")} == set(KINDS)
+    for name, cls in KINDS.items():
+        recipe = load_recipe(RECIPES / f"{name}.yaml", None, cls)
+        assert isinstance(recipe, cls)
+        if cls is not Stage1Recipe:
+            s2 = recipe if cls is Stage2Recipe else recipe.stage2
+            assert s2.model.llm is not None and s2.stage2.prompt_lr_mult == 10.0
 
 
 def test_overrides_are_typed_and_nested(tmp_path):

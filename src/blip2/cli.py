@@ -220,8 +220,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from blip2.quickstart import run_quickstart
 
     sizes = {k: v for k, v in (("n_train", args.train_images), ("n_val", args.val_images)) if v is not None}
-    summary = run_quickstart(args.out, steps=args.steps, **sizes)
-    print(json.dumps(summary["retrieval"], indent=2))
+    summary = run_quickstart(args.out, steps=args.steps, stage2_steps=args.stage2_steps, **sizes)
+    gen = {k: v for k, v in summary["generation"].items() if "examples" not in k}
+    print(json.dumps({"retrieval": summary["retrieval"], "generation": gen}, indent=2))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -308,10 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--seed", type=int, default=0)
     sc.set_defaults(func=cmd_scenes)
 
-    q = sub.add_parser("quickstart", help="the embedded default job: scenes -> stage 1 -> retrieval report")
+    q = sub.add_parser("quickstart", help="the embedded default job: scenes -> stage 1 -> retrieval -> "
+                                          "stage 2 -> captions and answers")
     q.add_argument("--out", required=True)
-    q.add_argument("--steps", type=int, default=None, help="override training steps (default: recipe)")
-    q.add_argument("--train-images", type=int, default=None, help="training scenes (default 1500)")
+    q.add_argument("--steps", type=int, default=None, help="override stage-1 steps (default: recipe)")
+    q.add_argument("--stage2-steps", type=int, default=None, help="override stage-2 steps (default: recipe)")
+    q.add_argument("--train-images", type=int, default=None, help="training scenes (default 1000)")
     q.add_argument("--val-images", type=int, default=None, help="held-out scenes (default 200)")
     q.set_defaults(func=cmd_quickstart)
     return p

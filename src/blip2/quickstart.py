@@ -29,7 +29,7 @@ from blip2.train.loop import train, train_stage1
 log = logging.getLogger(__name__)
 
 
-def run_quickstart(out: str | Path, steps: int | None = None, n_train: int = 1500, n_val: int = 200,
+def run_quickstart(out: str | Path, steps: int | None = None, n_train: int = 1000, n_val: int = 200,
                    progress: bool = True, stage2_steps: int | None = None, extra: tuple[str, ...] = (),
                    extra_stage2: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the whole default job in `out`; `extra`/`extra_stage2` are recipe overrides (tests shrink it)."""

@@ -211,7 +211,8 @@ def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progre
         model.freeze_text_branch()
     pairs, data_stats = build_training_data(recipe, model)
     sampler = EpochSampler(len(pairs), tc.batch_size, tc.seed)
-    optimizer = build_optimizer(model, tc)
+    mult = recipe.stage2.prompt_lr_mult if stage == 2 else 1.0
+    optimizer = build_optimizer(model, tc, {"llm_proj.": mult, "qformer.query_tokens": mult} if mult != 1.0 else None)
     objective = objective_for(recipe)
     # Re-seed after data preparation: whether the feature cache already existed (its DataLoader draws
     # from the global RNG) must not change the training trajectory.
@@ -236,7 +237,7 @@ def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progre
     while step < tc.steps:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         model.train()
         totals: dict[str, float] = {}
         for micro in range(tc.grad_accum):

@@ -10,16 +10,23 @@ from torch import nn
 from blip2.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on >= 2-D weights; none on norms, biases and the temperature (as the reference)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr_mult: dict[str, float] | None = None
+                    ) -> torch.optim.AdamW:
+    """Weight decay on >= 2-D weights; none on norms, biases and the temperature (as the reference).
+
+    `lr_mult` maps parameter-name prefixes to learning-rate multipliers (each group keeps its
+    multiplier in group["lr_mult"]; the schedule sets lr = lr_at(step) * lr_mult).
+    """
+    lr_mult = lr_mult or {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        mult = next((m for prefix, m in lr_mult.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((p.ndim >= 2, mult), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
+                              for (decay, mult), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))],
+                             lr=cfg.lr, betas=cfg.betas)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
