@@ -114,3 +114,10 @@ def test_itm_probability_api(tiny_model):
         logits = tiny_model.itm_logits(tiny_model.ln_vision(feats), ids, mask)
     assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
     torch.testing.assert_close(p, torch.sigmoid(logits[:, 1] - logits[:, 0]))
+
+
+def test_query_diversity_by_hand(tiny_model):
+    feats = torch.randn(3, 5, 24)
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # cosines 0, 1/sqrt2, 1/sqrt2
+    tiny_model.qformer.forward = lambda *a, **k: type("O", (), {"hidden": hidden.expand(3, -1, -1)})()
+    assert tiny_model.query_diversity(feats) == pytest.approx((2 * (0 + 2 * 2 ** -0.5)) / 6)

@@ -133,6 +133,22 @@ class Blip2(nn.Module):
         ids, mask = self.tokenize(texts)
         return self.itm_logits(self.ln_vision(image_feats), ids, mask).softmax(-1)[:, 1]
 
+    @torch.no_grad()
+    def query_diversity(self, image_feats: torch.Tensor) -> float:
+        """Mean off-diagonal cosine between the query outputs of one image (1.0 = all queries identical).
+
+        A training diagnostic: collapsed queries hand the LLM Q copies of one vector (docs/RESULTS.md).
+        """
+        was_training = self.training
+        self.eval()
+        q = F.normalize(self.qformer(image=self.ln_vision(image_feats), use_queries=True).hidden, dim=-1)
+        self.train(was_training)
+        n = q.shape[1]
+        if n < 2:
+            return 1.0
+        cos = q @ q.transpose(1, 2)  # (B, Q, Q)
+        return float(((cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(-1)) / (n * n - n)).mean())
+
     # ------------------------------------------------------------------ stage 2: the LLM bridge
 
     def soft_prompt(self, image_feats: torch.Tensor) -> torch.Tensor:

@@ -262,6 +262,7 @@ def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progre
                    "samples_per_s": round(window_n / elapsed, 2)}
             if stage == 1:
                 row["temp"] = model.temp.item()
+            row["query_cos"] = round(model.query_diversity(feats), 4)  # last micro-batch
             metrics.write(row)
             bar.set_postfix(loss=f"{totals['loss']:.3f}", sps=row["samples_per_s"])
             window_t, window_n = time.perf_counter(), 0
