@@ -25,12 +25,12 @@ def resolve_recipe(name: str) -> Path:
 
 def cmd_train_stage1(args: argparse.Namespace) -> int:
     from blip2.config import load_recipe
-    from blip2.train.loop import train_stage1
+    from blip2.train.loop import train
 
     recipe = load_recipe(resolve_recipe(args.recipe), args.set)
     if not recipe.data.train:
         raise SystemExit("data.train is empty: set it in the recipe or with --set data.train=PATH")
-    summary = train_stage1(recipe, args.out)
+    summary = train(recipe, args.out)
     print(json.dumps(summary.get("retrieval", summary), indent=2))
     return 0
 
@@ -164,6 +164,13 @@ def _print_result(result: dict, as_json: bool) -> None:
         print(json.dumps(ex))
 
 
+def _recipe_args(p: argparse.ArgumentParser, set_example: str, out_help: str) -> None:
+    p.add_argument("--recipe", required=True, help="YAML recipe file or packaged recipe name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a recipe field, {set_example} (repeatable)")
+    p.add_argument("--out", required=True, help=out_help)
+
+
 def _decode_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding (defaults: the paper's setting for the task)")
     g.add_argument("--num-beams", dest="num_beams", type=int)
@@ -234,22 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="stage", required=True)
     s1 = train.add_parser("stage1", help="stage-1 representation learning (ITC + ITM + ITG)")
-    s1.add_argument("--recipe", required=True, help="YAML recipe file or packaged recipe name")
-    s1.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe field, e.g. --set train.steps=100 (repeatable)")
-    s1.add_argument("--out", required=True, help="run directory (resumes from its last checkpoint)")
+    _recipe_args(s1, "e.g. --set train.steps=100", "run directory (resumes from its last checkpoint)")
     s1.set_defaults(func=cmd_train_stage1)
     s2 = train.add_parser("stage2", help="stage-2 generative learning through a frozen LLM")
-    s2.add_argument("--recipe", required=True, help="YAML recipe file or packaged recipe name")
+    _recipe_args(s2, "e.g. --set train.lr=3e-4", "run directory (resumes from its last checkpoint)")
     s2.add_argument("--init", default=None, help="stage-1 model directory to start from (omit: no stage 1)")
-    s2.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    s2.add_argument("--out", required=True, help="run directory (resumes from its last checkpoint)")
     s2.set_defaults(func=cmd_train_stage2)
     pl = train.add_parser("pipeline", help="stage 1, then stage 2 from its model (recipe with stage1: and stage2:)")
-    pl.add_argument("--recipe", required=True, help="YAML recipe file or packaged recipe name")
-    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a field, e.g. --set stage2.train.steps=100 or --set run_stage1=false")
-    pl.add_argument("--out", required=True, help="run directory (stage1/ and stage2/ inside; resumes)")
+    _recipe_args(pl, "e.g. --set stage2.train.steps=100 or --set run_stage1=false",
+                 "run directory (stage1/ and stage2/ inside; resumes)")
     pl.set_defaults(func=cmd_train_pipeline)
 
     c = sub.add_parser("caption", help="caption images with a stage-2 model")

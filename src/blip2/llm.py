@@ -146,6 +146,11 @@ class FrozenLM(nn.Module):
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [list(x[:max_len]) for x in ids]
 
+    def encode_targets(self, prompts: list[str], texts: list[str], max_len: int) -> list[list[int]]:
+        """Target ids; a text after a prompt starts with a space so that BPE tokenizers see it as
+        running text would have it (sentencepiece tokenizers ignore the space)."""
+        return self.encode([(" " + t if p else t) for p, t in zip(prompts, texts, strict=True)], max_len)
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
@@ -178,11 +183,22 @@ class FrozenLM(nn.Module):
 
     def loss(self, soft: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
         """Mean cross-entropy over target tokens (and eos); queries, prompts and pads carry no loss."""
-        x = self.layout(soft, prompts, targets)
+        logits, labels = self._target_logits(self.layout(soft, prompts, targets))
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    def sequence_logprob(self, soft: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]
+                         ) -> torch.Tensor:
+        """(B,) summed log-probability of each target (+ eos) after its soft prompt and prompt."""
+        logits, labels = self._target_logits(self.layout(soft, prompts, targets))
+        logp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
+        return (logp * (labels != -100)).sum(-1)
+
+    def _target_logits(self, x: LMInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) at the positions that predict a label, and those labels (B, T; -100 = none)."""
         if self.is_encoder_decoder:
             logits = self.model(inputs_embeds=x.embeds, attention_mask=x.mask, decoder_input_ids=x.decoder_ids,
                                 use_cache=False).logits  # (B, T, V)
-            return F.cross_entropy(logits.float().flatten(0, 1), x.labels.flatten(), ignore_index=-100)
+            return logits, x.labels
         # Position p predicts token p+1; only positions whose next token is a target need the
         # vocabulary projection (the soft prompt alone is Q positions of it).
         nxt = x.labels[:, 1:]  # (B, L-1)
@@ -192,7 +208,7 @@ class FrozenLM(nn.Module):
                                 use_cache=False).logits  # (B, K, V)
         else:
             logits = self.model(inputs_embeds=x.embeds, attention_mask=x.mask, use_cache=False).logits[:, keep]
-        return F.cross_entropy(logits.float().flatten(0, 1), nxt[:, keep].flatten(), ignore_index=-100)
+        return logits, nxt[:, keep]
 
     def _with_soft(self, soft: torch.Tensor, rows: list[list[int]], left_pad: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +222,6 @@ class FrozenLM(nn.Module):
                 sl = slice(n - len(r), n) if left_pad else slice(0, len(r))
                 ids[i, sl] = torch.tensor(r)
                 tok_mask[i, sl] = 1
-        soft_mask = torch.ones(b, q, dtype=torch.long)
         if left_pad:  # [pads | soft | prompt]: the last position is real in every row
             embeds = torch.empty(b, q + n, soft.shape[-1], dtype=soft.dtype, device=soft.device)
             tok = self.embed(ids)
@@ -219,7 +234,7 @@ class FrozenLM(nn.Module):
                 mask[i, pad:] = 1
             return embeds, mask.to(soft.device)
         embeds = torch.cat([soft, self.embed(ids)], dim=1)  # (B, Q+n, H)
-        return embeds, torch.cat([soft_mask, tok_mask], dim=1).to(soft.device)
+        return embeds, torch.cat([torch.ones(b, q, dtype=torch.long), tok_mask], dim=1).to(soft.device)
 
     # ------------------------------------------------------------------ generation
 

@@ -263,11 +263,8 @@ class Stage2Loss(nn.Module):
                 generator: torch.Generator) -> dict[str, torch.Tensor]:
         lm, cfg = model.llm, model.cfg.llm
         assert lm is not None and cfg is not None, "stage 2 needs a model with an LLM"
-        # Texts after a prompt start with a space so that BPE tokenizers see them as they would in
-        # running text (sentencepiece tokenizers ignore it).
         prompt_ids = lm.encode(prompts, cfg.max_prompt_len)
-        target_ids = lm.encode([(" " + t if p else t) for p, t in zip(prompts, texts, strict=True)],
-                               cfg.max_text_len)
+        target_ids = lm.encode_targets(prompts, texts, cfg.max_text_len)
         if lm.is_encoder_decoder and self.prefix_split == "random":
             for i, p in enumerate(prompts):
                 if not p:

@@ -24,7 +24,7 @@ from blip2.io import write_json
 from blip2.model import Blip2
 from blip2.retrieval import itc_similarity
 from blip2.text import clean_caption
-from blip2.train.loop import train, train_stage1
+from blip2.train.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def run_quickstart(out: str | Path, steps: int | None = None, n_train: int = 100
     if steps is not None:
         overrides.append(f"train.steps={steps}")
     recipe = load_recipe(RECIPES / "quickstart-stage1.yaml", overrides)
-    summary = train_stage1(recipe, out / "stage1", progress=progress)
+    summary = train(recipe, out / "stage1", progress=progress)
     t_stage1 = time.perf_counter() - t0
     retrieval = summary["retrieval"]
     examples = _examples(out / "stage1" / "model", ann, recipe.data.cache_dir)

@@ -34,21 +34,11 @@ def rank_options(model, image_feats: torch.Tensor, prompts: list[str], options: 
     lm, cfg = model.llm, model.cfg.llm
     assert lm is not None, "this is a stage-1 model (no LLM)"
     soft = model.soft_prompt(image_feats)  # (B, Q, H)
-    b, n_opt = soft.shape[0], len(options)
-    scores = torch.empty(b, n_opt)
+    p_ids = lm.encode(prompts, cfg.max_prompt_len)
+    scores = torch.empty(soft.shape[0], len(options))
     for j, option in enumerate(options):
-        p_ids = lm.encode(prompts, cfg.max_prompt_len)
-        t_ids = lm.encode([(" " + option if p else option) for p in prompts], cfg.max_text_len)
-        x = lm.layout(soft, p_ids, t_ids)
-        if lm.is_encoder_decoder:
-            logits = lm.model(inputs_embeds=x.embeds, attention_mask=x.mask, decoder_input_ids=x.decoder_ids).logits
-            labels = x.labels
-        else:
-            logits = lm.model(inputs_embeds=x.embeds, attention_mask=x.mask).logits[:, :-1]
-            labels = x.labels[:, 1:]
-        logp = logits.float().log_softmax(-1)
-        tok = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
-        scores[:, j] = (tok * (labels != -100)).sum(-1).cpu()
+        t_ids = lm.encode_targets(prompts, [option] * len(prompts), cfg.max_text_len)
+        scores[:, j] = lm.sequence_logprob(soft, p_ids, t_ids).cpu()
     return scores
 
 

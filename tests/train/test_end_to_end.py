@@ -9,7 +9,7 @@ from blip2.cli import main
 from blip2.config import load_recipe
 from blip2.data.scenes import write_scenes
 from blip2.train import checkpoint
-from blip2.train.loop import train_stage1
+from blip2.train.loop import train
 
 TINY = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
         "model.qformer.hidden_size=32", "model.qformer.num_heads=4", "model.qformer.intermediate_size=64",
@@ -42,7 +42,7 @@ def test_train_kill_resume_is_bit_identical_then_eval(scenes, tmp_path, capsys):
 
     # the same run killed after step 3; its last checkpoint is step 2 (ckpt_every=2)
     recipe = load_recipe(_recipe_path(), _args(scenes))
-    assert train_stage1(recipe, tmp_path / "b", stop_after=3, progress=False) == {"stopped_at": 3}
+    assert train(recipe, tmp_path / "b", stop_after=3, progress=False) == {"stopped_at": 3}
     assert checkpoint.latest(tmp_path / "b").name == "step-00000002"
     assert not (tmp_path / "b" / "model").exists()
     assert _cli_train(scenes, tmp_path / "b") == 0  # resumes from step 2
@@ -72,20 +72,20 @@ def test_train_kill_resume_is_bit_identical_then_eval(scenes, tmp_path, capsys):
 
 def test_corrupt_checkpoint_is_refused_before_anything_changes(scenes, tmp_path):
     recipe = load_recipe(_recipe_path(), _args(scenes))
-    train_stage1(recipe, tmp_path / "c", stop_after=2, progress=False)
+    train(recipe, tmp_path / "c", stop_after=2, progress=False)
     ckpt = checkpoint.latest(tmp_path / "c")
     (ckpt / "model.safetensors").write_bytes(b"garbage")
     before = sorted(p.name for p in (tmp_path / "c").rglob("*"))
     with pytest.raises(ValueError, match="unreadable.*delete it"):
-        train_stage1(load_recipe(_recipe_path(), _args(scenes)), tmp_path / "c", progress=False)
+        train(load_recipe(_recipe_path(), _args(scenes)), tmp_path / "c", progress=False)
     assert sorted(p.name for p in (tmp_path / "c").rglob("*")) == before
 
 
 def test_resume_with_another_model_config_is_refused(scenes, tmp_path):
-    train_stage1(load_recipe(_recipe_path(), _args(scenes)), tmp_path / "d", stop_after=2, progress=False)
+    train(load_recipe(_recipe_path(), _args(scenes)), tmp_path / "d", stop_after=2, progress=False)
     other = load_recipe(_recipe_path(), [*_args(scenes), "model.qformer.num_queries=5"])
     with pytest.raises(ValueError, match="different model config"):
-        train_stage1(other, tmp_path / "d", progress=False)
+        train(other, tmp_path / "d", progress=False)
 
 
 def _recipe_path():
@@ -103,5 +103,5 @@ def test_jsonl_without_splits_trains_and_skips_evaluation(scenes, tmp_path):
     args = [a for a in _args(scenes) if not a.startswith("data.train=")]
     recipe = load_recipe(_recipe_path(), [*args, f"data.train={jsonl}", f"data.images={ann.parent / 'images'}",
                                           "train.steps=2"])
-    summary = train_stage1(recipe, tmp_path / "j", progress=False)
+    summary = train(recipe, tmp_path / "j", progress=False)
     assert summary["data"]["images"] == 18 and "retrieval" not in summary

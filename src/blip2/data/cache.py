@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from blip2.data.records import ImageRecord, load_records
 from blip2.io import read_json, write_json
 from blip2.vision import FrozenImageEncoder
 from blip2.vision.transforms import Preprocess, eval_transform, load_rgb
@@ -159,3 +160,15 @@ def cached_features(encoder: FrozenImageEncoder, paths: list[str], root: str | P
         examples = "; ".join(f"{Path(p).name}: {e}" for p, e in list(result.failed.items())[:3])
         log.warning("skipped %d of %d images that could not be read (%s)", len(result.failed), len(paths), examples)
     return result
+
+
+def split_features(encoder: FrozenImageEncoder | None, annotations: str | Path, images: str | Path | None,
+                   split: str, max_images: int | None = None, root: str | Path | None = None,
+                   num_workers: int = 2, progress: bool = True) -> tuple[list[ImageRecord], CachedFeatures]:
+    """The records of a split whose images decoded, aligned with their cached features."""
+    records = load_records(annotations, images, split)[:max_images]
+    if encoder is None:
+        raise RuntimeError("evaluation on images needs the model's vision encoder")
+    cached = cached_features(encoder, [r.path for r in records], root, num_workers, progress)
+    by_path = {r.path: r for r in records}
+    return [by_path[p] for p in cached.paths], cached

@@ -11,8 +11,7 @@ import torch
 from tqdm import tqdm
 
 from blip2.config import CaptionEvalConfig, DecodeConfig
-from blip2.data.cache import cached_features
-from blip2.data.records import load_records
+from blip2.data.cache import split_features
 from blip2.eval.vqa import vqa_accuracy
 from blip2.model import Blip2
 from blip2.tasks import VQA_DECODE
@@ -71,12 +70,8 @@ def evaluate_generation(model: Blip2, annotations: str, images: str | None, spli
     from blip2.tasks import vqa_prompt
 
     t0 = time.perf_counter()
-    records = load_records(annotations, images, split)[: cfg.max_images]
-    if model.vision is None:
-        raise RuntimeError("evaluation on images needs the model's vision encoder")
-    cached = cached_features(model.vision, [r.path for r in records], cache_dir, num_workers, progress)
-    by_path = {r.path: r for r in records}
-    recs = [by_path[p] for p in cached.paths]
+    recs, cached = split_features(model.vision, annotations, images, split, cfg.max_images, cache_dir,
+                                  num_workers, progress)
     captions = generate_for(model, cached.features, [prompt] * len(recs), cfg.decode, cfg.batch_size, progress,
                             "captioning")
     result: dict[str, Any] = {"num_images": len(recs), "skipped_images": len(cached.failed), "split": split}

@@ -7,8 +7,7 @@ import time
 from typing import Any
 
 from blip2.config import EvalConfig
-from blip2.data.cache import cached_features
-from blip2.data.records import load_records
+from blip2.data.cache import split_features
 from blip2.model import Blip2
 from blip2.retrieval import evaluate_retrieval
 from blip2.text import clean_caption
@@ -20,12 +19,9 @@ def evaluate_split(model: Blip2, annotations: str, images: str | None, split: st
                    cache_dir: str | None = None, num_workers: int = 2, progress: bool = True) -> dict[str, Any]:
     """R@1/5/10 both directions on `split` (ITC-only and ITC top-k + ITM re-rank)."""
     t0 = time.perf_counter()
-    records = load_records(annotations, images, split)[: cfg.max_images]
-    if model.vision is None:
-        raise RuntimeError("retrieval evaluation on images needs the model's vision encoder")
-    cached = cached_features(model.vision, [r.path for r in records], cache_dir, num_workers, progress)
-    by_path = {r.path: r for r in records}
-    captions = [[clean_caption(c) for c in by_path[p].captions] for p in cached.paths]
+    records, cached = split_features(model.vision, annotations, images, split, cfg.max_images, cache_dir,
+                                     num_workers, progress)
+    captions = [[clean_caption(c) for c in r.captions] for r in records]
     result = evaluate_retrieval(model, cached.features, captions, cfg.k_test, cfg.batch_size, progress)
     result["skipped_images"] = len(cached.failed)
     result["split"] = split

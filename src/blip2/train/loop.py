@@ -172,11 +172,6 @@ def _finished(run: Path) -> dict[str, Any] | None:
     return read_json(done) if done.is_file() and (run / "model" / CONFIG).is_file() else None
 
 
-def train_stage1(recipe: Stage1Recipe, out: str | Path, stop_after: int | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    return train(recipe, out, stop_after, progress)
-
-
 def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a stage-1 or stage-2 recipe in `out`; returns a summary.
 
