@@ -234,6 +234,31 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from blip2.interop.hf import is_hf_dir, load_hf, save_hf
+    from blip2.model import Blip2
+
+    src, dst = Path(args.src), Path(args.dst)
+    if src.resolve() == dst.resolve():
+        raise SystemExit("IN and OUT are the same directory: write the converted model somewhere else")
+    if args.from_format == "hf":
+        if not is_hf_dir(src):
+            raise SystemExit(f"{src} is not a transformers BLIP-2 directory (config.json with model_type blip-2)")
+        model = load_hf(src)
+    else:
+        if is_hf_dir(src):
+            raise SystemExit(f"{src} is a transformers BLIP-2 directory: use --from hf")
+        model = Blip2.from_dir(src)
+    if args.to_format == "hf":
+        written = save_hf(model, dst)
+    else:
+        # ours: trainable weights + config; the frozen tower and LLM are referenced where they are
+        model.save(dst, meta={**model.meta, "converted_from": f"{args.from_format}:{src}"})
+        written = "blip2"
+    print(json.dumps({"from": str(src), "to": str(dst), "format": written}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blip2", description="BLIP-2: Q-Former pretraining, retrieval and more.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -308,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--size", type=int, default=224)
     sc.add_argument("--seed", type=int, default=0)
     sc.set_defaults(func=cmd_scenes)
+
+    cv = sub.add_parser("convert", help="convert a model between our format and transformers' BLIP-2 classes")
+    cv.add_argument("--from", dest="from_format", choices=("hf", "ours"), required=True)
+    cv.add_argument("--to", dest="to_format", choices=("hf", "ours"), required=True)
+    cv.add_argument("src", metavar="IN")
+    cv.add_argument("dst", metavar="OUT")
+    cv.set_defaults(func=cmd_convert)
 
     q = sub.add_parser("quickstart", help="the embedded default job: scenes -> stage 1 -> retrieval -> "
                                           "stage 2 -> captions and answers")

@@ -93,6 +93,12 @@ class QFormerConfig:
     # all-MiniLM-L6-v2, whose [CLS] output is near-constant across captions (ITC then sits at
     # ln(batch) for 50-75 steps before learning; see docs/RESULTS.md).
     text_pool: str = "cls"
+    # False: queries only, with no text embeddings, text FFNs or stage-1 heads; the layout of
+    # transformers' Blip2ForConditionalGeneration checkpoints (captioning/VQA, no retrieval).
+    text_branch: bool = True
+    # Epsilon of ln_vision, the LayerNorm on the frozen image features (LAVIS 1e-5; transformers'
+    # BLIP-2 ViT uses its post_layernorm for this, with the vision config's 1e-6).
+    ln_vision_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "num_queries",
@@ -124,6 +130,11 @@ class LLMConfig:
     # Longest prompt and target (caption / answer) in LLM tokens; longer ones are truncated.
     max_prompt_len: int = 32
     max_text_len: int = 32
+    # Tokenize prompts with the tokenizer's special tokens (OPT's leading </s>, T5's trailing </s>),
+    # as transformers' Blip2Processor and LAVIS do; models trained here use plain prompts (false).
+    prompt_special_tokens: bool = False
+    # Token ids generation never emits (the <image> placeholder of transformers-format checkpoints).
+    suppress_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _choice("llm.precision", self.precision, ("fp32", "fp16", "bf16"))
@@ -416,6 +427,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(args[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"config key {where}: expected a list, got {value!r}")
+        return [_coerce(typing.get_args(tp)[0], v, where) for v in value]
     if origin is tuple:
         return tuple(_coerce(a, v, where) for a, v in zip(typing.get_args(tp), value, strict=True))
     if tp is float and not isinstance(value, bool):

@@ -35,9 +35,11 @@ def _strip(ids: list[int], eos: int) -> list[int]:
 
 
 def process_scores(scores: torch.Tensor, history: torch.Tensor, n_new: int, cfg: DecodeConfig,
-                   eos: int) -> torch.Tensor:
-    """Repetition penalty, no-repeat n-gram ban and minimum length on (N, V) scores."""
+                   eos: int, suppress: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+    """Repetition penalty, no-repeat n-gram ban, minimum length and suppressed tokens on (N, V) scores."""
     scores = scores.clone()
+    if suppress:
+        scores[:, list(suppress)] = -float("inf")
     if cfg.repetition_penalty != 1.0 and history.shape[1]:
         seen = scores.gather(1, history)
         seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
@@ -76,7 +78,8 @@ def _greedy_or_sample(state: DecodeState, cfg: DecodeConfig, eos: int, pad: int)
     finished = torch.zeros(n, dtype=torch.bool, device=state.logits.device)
     out = []
     for t in range(cfg.max_new_tokens):
-        scores = process_scores(state.logits, state.history, state.history.shape[1] - start_len, cfg, eos)
+        scores = process_scores(state.logits, state.history, state.history.shape[1] - start_len, cfg, eos,
+                                state.lm.suppress)
         if cfg.do_sample:
             tok = torch.multinomial(_warp(scores, cfg).softmax(-1), 1, generator=gen).squeeze(1)
         else:
@@ -107,7 +110,7 @@ def _beam_search(state: DecodeState, cfg: DecodeConfig, eos: int, pad: int) -> t
     offsets = torch.arange(b, device=dev)[:, None] * k  # (B, 1)
     for t in range(cfg.max_new_tokens):
         logp = process_scores(state.logits.log_softmax(-1), state.history, state.history.shape[1] - start_len,
-                              cfg, eos)  # (B*K, V)
+                              cfg, eos, state.lm.suppress)  # (B*K, V)
         vocab = logp.shape[-1]
         total = (logp.view(b, k, vocab) + run_scores[:, :, None]).view(b, k * vocab)
         cand_scores, cand_idx = total.topk(2 * k, dim=-1)  # (B, 2K)

@@ -84,10 +84,14 @@ def load_llm(cfg: LLMConfig) -> FrozenLM:
     path = packaged_llm_dir() if cfg.path == PACKAGED else Path(cfg.path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"llm.path {path} is not a transformers model directory (no config.json)")
-    hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if hf_cfg.model_type == "blip-2":  # the LM inside a transformers BLIP-2 checkpoint
+        from blip2.interop.hf import load_language_model
+
+        return FrozenLM(load_language_model(path, hf_cfg.text_config, DTYPES[cfg.precision]), tok, cfg)
     auto = AutoModelForSeq2SeqLM if hf_cfg.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(path, local_files_only=True, dtype=DTYPES[cfg.precision])
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = auto.from_pretrained(path, local_files_only=True, dtype=DTYPES[cfg.precision], trust_remote_code=False)
     return FrozenLM(model, tok, cfg)
 
 
@@ -123,6 +127,7 @@ class FrozenLM(nn.Module):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else hf.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
         self.start_id = int(hf.decoder_start_token_id) if self.is_encoder_decoder else None
+        self.suppress = list(self.cfg.suppress_token_ids)  # never generated (e.g. an <image> placeholder)
         # Most causal LMs in transformers can skip the vocabulary projection where no logits are needed.
         params = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in params
@@ -145,6 +150,16 @@ class FrozenLM(nn.Module):
             return []
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [list(x[:max_len]) for x in ids]
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        """Prompt ids, with the tokenizer's special tokens when llm.prompt_special_tokens is set."""
+        if not self.cfg.prompt_special_tokens:
+            return self.encode(prompts, self.cfg.max_prompt_len)
+        if not prompts:
+            return []
+        enc = self.tokenizer(list(prompts), add_special_tokens=True, truncation=True,
+                             max_length=self.cfg.max_prompt_len)
+        return [list(x) for x in enc["input_ids"]]
 
     def encode_targets(self, prompts: list[str], texts: list[str], max_len: int) -> list[list[int]]:
         """Target ids; a text after a prompt starts with a space so that BPE tokenizers see it as

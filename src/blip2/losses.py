@@ -263,7 +263,7 @@ class Stage2Loss(nn.Module):
                 generator: torch.Generator) -> dict[str, torch.Tensor]:
         lm, cfg = model.llm, model.cfg.llm
         assert lm is not None and cfg is not None, "stage 2 needs a model with an LLM"
-        prompt_ids = lm.encode(prompts, cfg.max_prompt_len)
+        prompt_ids = lm.encode_prompts(prompts)
         target_ids = lm.encode_targets(prompts, texts, cfg.max_text_len)
         if lm.is_encoder_decoder and self.prefix_split == "random":
             for i, p in enumerate(prompts):

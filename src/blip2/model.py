@@ -58,12 +58,14 @@ class Blip2(nn.Module):
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
         self.dec_id = tokenizer.bos_token_id if tokenizer is not None else qc.vocab_size - 1
-        self.ln_vision = nn.LayerNorm(qc.vision_width, eps=1e-5)
+        self.meta: dict[str, Any] = {}
+        self.ln_vision = nn.LayerNorm(qc.vision_width, eps=qc.ln_vision_eps)
         self.qformer = QFormer(qc)
-        self.vision_proj = nn.Linear(qc.hidden_size, qc.embed_dim)
-        self.text_proj = nn.Linear(qc.hidden_size, qc.embed_dim)
-        self.itm_head = nn.Linear(qc.hidden_size, 2)
-        self.temp = nn.Parameter(torch.tensor(qc.temp_init))
+        # Stage-1 heads (absent without a text branch)
+        self.vision_proj = nn.Linear(qc.hidden_size, qc.embed_dim) if qc.text_branch else None
+        self.text_proj = nn.Linear(qc.hidden_size, qc.embed_dim) if qc.text_branch else None
+        self.itm_head = nn.Linear(qc.hidden_size, 2) if qc.text_branch else None
+        self.temp = nn.Parameter(torch.tensor(qc.temp_init)) if qc.text_branch else None
         if (cfg.llm is None) != (llm is None):
             raise ValueError("model.llm is set but no LLM was given (or the reverse): build with Blip2.build")
         self.llm = llm
@@ -83,6 +85,9 @@ class Blip2(nn.Module):
 
     def image_itc_feats(self, query_hidden: torch.Tensor) -> torch.Tensor:
         """(B, Q, D) query outputs -> (B, Q, E) L2-normalised ITC embeddings."""
+        if self.vision_proj is None:
+            raise RuntimeError("this model has no retrieval heads (qformer.text_branch=false, e.g. a transformers "
+                               "Blip2ForConditionalGeneration checkpoint); use a Blip2ForImageTextRetrieval one")
         return F.normalize(self.vision_proj(query_hidden), dim=-1)
 
     def text_itc_feats(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -177,7 +182,7 @@ class Blip2(nn.Module):
         prompts = prompts if prompts is not None else [""] * image_feats.shape[0]
         if len(prompts) != image_feats.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {image_feats.shape[0]} images")
-        ids = self.llm.encode(prompts, self.cfg.llm.max_prompt_len)
+        ids = self.llm.encode_prompts(prompts)
         out = generate_ids(self.llm, self.soft_prompt(image_feats), ids, cfg or DecodeConfig())
         return [self.llm.decode(x) for x in out]
 
@@ -185,9 +190,11 @@ class Blip2(nn.Module):
         from blip2.text import clean_caption, tokenize
 
         if self.tokenizer is None:
-            raise RuntimeError("this Blip2 has no tokenizer; build it with Blip2.build or pass one")
+            raise RuntimeError("this Blip2 has no Q-Former tokenizer (built without one, or a model without "
+                               "a text branch); build it with Blip2.build")
         ids, mask = tokenize(self.tokenizer, [clean_caption(t) for t in texts], self.cfg.qformer.max_text_len)
-        return ids.to(self.temp.device), mask.to(self.temp.device)
+        device = self.qformer.query_tokens.device
+        return ids.to(device), mask.to(device)
 
     # ------------------------------------------------------------------ construction and I/O
 
@@ -198,7 +205,7 @@ class Blip2(nn.Module):
         from blip2.text import load_tokenizer
 
         vision = build_vision_encoder(cfg.vision) if with_vision else None
-        tok = load_tokenizer(cfg.qformer.tokenizer, cfg.qformer.vocab_size)
+        tok = load_tokenizer(cfg.qformer.tokenizer, cfg.qformer.vocab_size) if cfg.qformer.text_branch else None
         llm = load_llm(cfg.llm) if cfg.llm is not None else None
         return cls(cfg, vision, tok, llm)
 
@@ -236,8 +243,13 @@ class Blip2(nn.Module):
 
     @classmethod
     def from_dir(cls, directory: str | Path, with_vision: bool = True) -> Blip2:
-        """Rebuild from config.json and load model.safetensors strictly."""
+        """Rebuild from config.json and load model.safetensors strictly (or import a transformers
+        BLIP-2 directory); returned in eval mode."""
         directory = Path(directory)
+        from blip2.interop.hf import is_hf_dir, load_hf
+
+        if is_hf_dir(directory):  # a transformers BLIP-2 checkpoint directory
+            return load_hf(directory, with_vision=with_vision)
         if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
             raise FileNotFoundError(f"{directory} is not a blip2 model directory (needs {CONFIG} + {WEIGHTS})")
         doc = read_json(directory / CONFIG)
@@ -249,4 +261,4 @@ class Blip2(nn.Module):
             log.warning("the frozen encoder differs from the one this model was trained with "
                         "(fingerprint %s != %s): features will not match training", model.vision.fingerprint(), saved)
         model.meta = doc.get("meta", {})
-        return model
+        return model.eval()  # inference mode, as transformers' from_pretrained; training calls .train()

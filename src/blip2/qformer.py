@@ -95,7 +95,8 @@ class QFormerLayer(nn.Module):
             raise ValueError("QFormerConfig.vision_width must be resolved before building the Q-Former")
         self.attention = Attention(cfg, cfg.hidden_size)
         self.crossattention = Attention(cfg, cfg.vision_width) if has_cross else None
-        self.intermediate, self.output = Intermediate(cfg), Output(cfg, cfg.intermediate_size)  # text FFN
+        if cfg.text_branch:  # text FFN
+            self.intermediate, self.output = Intermediate(cfg), Output(cfg, cfg.intermediate_size)
         self.intermediate_query = Intermediate(cfg)  # query FFN
         self.output_query = Output(cfg, cfg.intermediate_size)
 
@@ -143,13 +144,14 @@ class QFormer(nn.Module):
         d = cfg.hidden_size
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_queries, d))
         self.embeddings = nn.Module()
-        self.embeddings.word_embeddings = nn.Embedding(cfg.vocab_size, d)
-        self.embeddings.position_embeddings = nn.Embedding(cfg.max_position_embeddings, d)
+        if cfg.text_branch:
+            self.embeddings.word_embeddings = nn.Embedding(cfg.vocab_size, d)
+            self.embeddings.position_embeddings = nn.Embedding(cfg.max_position_embeddings, d)
         self.embeddings.LayerNorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.emb_dropout = nn.Dropout(cfg.hidden_dropout)
         cross = set(cfg.cross_attention_layers())
         self.layer = nn.ModuleList(QFormerLayer(cfg, i in cross) for i in range(cfg.num_layers))
-        self.lm_head = LMHead(cfg)
+        self.lm_head = LMHead(cfg) if cfg.text_branch else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -164,7 +166,8 @@ class QFormer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.query_tokens, std=std)
-        nn.init.zeros_(self.lm_head.bias)
+        if self.lm_head is not None:
+            nn.init.zeros_(self.lm_head.bias)
 
     def forward(self, input_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
                 image: torch.Tensor | None = None, use_queries: bool = True, causal: bool = False,
@@ -194,6 +197,8 @@ class QFormer(nn.Module):
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """ITG next-token logits (B, L, V) with the decoder tied to the word embeddings."""
+        if self.lm_head is None:
+            raise RuntimeError("this Q-Former has no text branch (qformer.text_branch=false): no ITG head")
         return self.lm_head(hidden, self.embeddings.word_embeddings.weight)
 
     def _embed(self, b: int, input_ids: torch.Tensor | None,
@@ -203,6 +208,10 @@ class QFormer(nn.Module):
             parts.append(self.query_tokens.expand(b, -1, -1))  # (B, Q, D): no position embedding
         n_text = 0
         if input_ids is not None:
+            if not self.cfg.text_branch:
+                raise RuntimeError("this Q-Former has no text branch (qformer.text_branch=false, e.g. a "
+                                   "transformers Blip2ForConditionalGeneration checkpoint): it cannot encode "
+                                   "text; use a checkpoint with the retrieval heads")
             n_text = input_ids.shape[1]
             pos = torch.arange(n_text, device=input_ids.device)  # text positions start at 0
             parts.append(self.embeddings.word_embeddings(input_ids) + self.embeddings.position_embeddings(pos))

@@ -34,7 +34,7 @@ def rank_options(model, image_feats: torch.Tensor, prompts: list[str], options: 
     lm, cfg = model.llm, model.cfg.llm
     assert lm is not None, "this is a stage-1 model (no LLM)"
     soft = model.soft_prompt(image_feats)  # (B, Q, H)
-    p_ids = lm.encode(prompts, cfg.max_prompt_len)
+    p_ids = lm.encode_prompts(prompts)
     scores = torch.empty(soft.shape[0], len(options))
     for j, option in enumerate(options):
         t_ids = lm.encode_targets(prompts, [option] * len(prompts), cfg.max_text_len)

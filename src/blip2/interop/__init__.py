@@ -1,0 +1,1 @@
+"""Checkpoint formats of other BLIP-2 implementations (transformers, LAVIS) and conversion to ours."""
