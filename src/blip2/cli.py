@@ -241,6 +241,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
         raise SystemExit("IN and OUT are the same directory: write the converted model somewhere else")
+    if args.from_format == "lavis":
+        import tempfile
+
+        from blip2.interop.lavis import convert_lavis
+
+        kw = {"llm": args.llm, "vision": args.vision, "vision_heads": args.vision_heads,
+              "qformer_heads": args.qformer_heads}
+        if args.to_format == "ours":  # OUT/model (+ OUT/vision for the converted EVA ViT)
+            convert_lavis(src, dst, **kw)
+            print(json.dumps({"from": str(src), "to": str(dst / "model"), "format": "blip2"}))
+            return 0
+        with tempfile.TemporaryDirectory() as tmp:
+            written = save_hf(convert_lavis(src, Path(tmp) / "ours", **kw), dst)
+        print(json.dumps({"from": str(src), "to": str(dst), "format": written}))
+        return 0
     if args.from_format == "hf":
         if not is_hf_dir(src):
             raise SystemExit(f"{src} is not a transformers BLIP-2 directory (config.json with model_type blip-2)")
@@ -335,10 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=cmd_scenes)
 
     cv = sub.add_parser("convert", help="convert a model between our format and transformers' BLIP-2 classes")
-    cv.add_argument("--from", dest="from_format", choices=("hf", "ours"), required=True)
+    cv.add_argument("--from", dest="from_format", choices=("hf", "lavis", "ours"), required=True)
     cv.add_argument("--to", dest="to_format", choices=("hf", "ours"), required=True)
-    cv.add_argument("src", metavar="IN")
+    cv.add_argument("src", metavar="IN", help="model directory, or a LAVIS .pth/.safetensors file")
     cv.add_argument("dst", metavar="OUT")
+    cv.add_argument("--llm", default=None, help="LAVIS stage-2 files: the transformers directory of their LLM")
+    cv.add_argument("--vision", default=None, help="LAVIS files without visual_encoder.*: a vision tower directory")
+    cv.add_argument("--vision-heads", type=int, default=None, help="EVA ViT heads (default: 16 for ViT-g)")
+    cv.add_argument("--qformer-heads", type=int, default=None, help="Q-Former heads (default: width / 64)")
     cv.set_defaults(func=cmd_convert)
 
     q = sub.add_parser("quickstart", help="the embedded default job: scenes -> stage 1 -> retrieval -> "
