@@ -26,6 +26,7 @@ import json
 import platform
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -117,6 +118,10 @@ def hf_generate(hf, pixels, ids, cfg: DecodeConfig, eos: int, pad: int) -> list[
     return [r[: r.index(eos)] if eos in r else r for r in rows]
 
 
+def ours_generate(ours, pixels, prompt_ids, cfg: DecodeConfig) -> list[list[int]]:
+    return generate_ids(ours.llm, ours.soft_prompt(ours.image_features(pixels)), prompt_ids, cfg)
+
+
 def bench_captioning(hf, ours, batches, max_new, repeats, prompt: str = "a photo of") -> list[dict]:
     rows = []
     p_ids = ours.llm.encode_prompts([prompt])[0]
@@ -127,10 +132,9 @@ def bench_captioning(hf, ours, batches, max_new, repeats, prompt: str = "a photo
             pixels = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b))
             ids = torch.tensor([[image_id] * Q + p_ids] * b)
             with torch.no_grad():
-                t_hf, out_hf = timed(lambda: hf_generate(hf, pixels, ids, cfg, ours.llm.eos_id, ours.llm.pad_id),
+                t_hf, out_hf = timed(partial(hf_generate, hf, pixels, ids, cfg, ours.llm.eos_id, ours.llm.pad_id),
                                      repeats)
-                t_us, out_us = timed(lambda: generate_ids(ours.llm, ours.soft_prompt(ours.image_features(pixels)),
-                                                          [p_ids] * b, cfg), repeats)
+                t_us, out_us = timed(partial(ours_generate, ours, pixels, [p_ids] * b, cfg), repeats)
             rows.append({"task": "caption", "decode": decode, "batch": b, "transformers_img_s": b / t_hf,
                          "ours_img_s": b / t_us, "speedup": t_hf / t_us, "identical_tokens": out_hf == out_us})
             print(json.dumps(rows[-1]), flush=True)
