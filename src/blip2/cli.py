@@ -234,6 +234,36 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from blip2.model import Blip2
+    from blip2.retrieval import embed_gallery, itc_similarity, rerank
+    from blip2.tasks import image_features
+
+    model = Blip2.from_dir(args.model)
+    if not model.cfg.qformer.text_branch:
+        raise SystemExit(f"{args.model} has no Q-Former text branch (a captioning-only checkpoint): retrieval "
+                         "needs a stage-1 / Blip2ForImageTextRetrieval model")
+    feats = image_features(model, args.images)
+    gallery = embed_gallery(model, feats, args.texts)
+    sim = itc_similarity(gallery.image_itc, gallery.text_itc)  # (N_img, N_txt)
+    i2t, t2i = (sim, sim.t()) if args.k == 0 else rerank(model, sim, feats, gallery, args.k, progress=False)
+    result = {"texts_for_image": {}, "images_for_text": {}}
+    for i, path in enumerate(args.images):
+        order = [j for j in i2t[i].argsort(descending=True).tolist() if i2t[i, j] > float("-inf")]
+        result["texts_for_image"][path] = [(args.texts[j], round(float(i2t[i, j]), 4)) for j in order]
+    for j, text in enumerate(args.texts):
+        order = [i for i in t2i[j].argsort(descending=True).tolist() if t2i[j, i] > float("-inf")]
+        result["images_for_text"][text] = [(args.images[i], round(float(t2i[j, i]), 4)) for i in order]
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for path, ranked in result["texts_for_image"].items():
+        print(path)
+        for text, score in ranked:
+            print(f"  {score:8.4f}  {text}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from blip2.interop.hf import is_hf_dir, load_hf, save_hf
     from blip2.model import Blip2
@@ -348,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--size", type=int, default=224)
     sc.add_argument("--seed", type=int, default=0)
     sc.set_defaults(func=cmd_scenes)
+
+    rt = sub.add_parser("retrieve", help="rank captions for images and images for captions (ITC, then ITM)")
+    rt.add_argument("--model", required=True)
+    rt.add_argument("--images", nargs="+", required=True)
+    rt.add_argument("--texts", nargs="+", required=True)
+    rt.add_argument("--k", type=int, default=16, help="ITM re-ranks the top k ITC candidates (0 = ITC only)")
+    rt.add_argument("--json", action="store_true")
+    rt.set_defaults(func=cmd_retrieve)
 
     cv = sub.add_parser("convert", help="convert a model between our format and transformers' BLIP-2 classes")
     cv.add_argument("--from", dest="from_format", choices=("hf", "lavis", "ours"), required=True)

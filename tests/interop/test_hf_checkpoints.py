@@ -318,3 +318,29 @@ def test_cli_convert_both_ways_and_inference_on_a_transformers_dir(tmp_path, cap
     want = direct.generate(image_features(direct, [image]), [""],
                            DecodeConfig(num_beams=1, max_new_tokens=4, min_new_tokens=4))[0]
     assert line == f"{image}\t{want}" and want
+
+
+def test_cli_retrieve_on_a_transformers_retrieval_dir(tmp_path, capsys):
+    import json
+
+    from blip2.cli import main
+    from blip2.retrieval import embed_gallery, itc_similarity
+    from blip2.tasks import image_features
+    from conftest import write_images
+
+    make_retrieval_dir(tmp_path / "hf", seed=9)
+    images = write_images(tmp_path / "img", 2, size=32)
+    texts = ["a dog on the grass", "two red squares", "a man on a bench"]
+    capsys.readouterr()
+    assert main(["retrieve", "--model", str(tmp_path / "hf"), "--images", *images, "--texts", *texts,
+                 "--k", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model = Blip2.from_dir(tmp_path / "hf")
+    g = embed_gallery(model, image_features(model, images), texts)
+    sim = itc_similarity(g.image_itc, g.text_itc)
+    for i, path in enumerate(images):  # ITC order, best first
+        assert [t for t, _ in out["texts_for_image"][path]] == [texts[j] for j in sim[i].argsort(descending=True)]
+    assert main(["retrieve", "--model", str(tmp_path / "hf"), "--images", *images, "--texts", *texts,
+                 "--k", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert all(len(v) == 2 for v in out["texts_for_image"].values())  # ITM re-ranked the top 2
