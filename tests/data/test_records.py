@@ -16,6 +16,13 @@ def test_karpathy_splits_and_paths(tmp_path):
     assert [(r.path, r.captions) for r in train] == [(str(tmp_path / "imgs" / "a.jpg"), ["A dog .", "a cat"])]
     val = load_records(ann, tmp_path / "imgs", "val")
     assert val[0].path == str(tmp_path / "imgs" / "val2014" / "b.jpg")
+    # a flat folder (coco_mini keeps filepath but not the sub-folder): the file that exists wins
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "b.jpg").write_bytes(b"")
+    assert load_records(ann, tmp_path / "imgs", "val")[0].path == str(tmp_path / "imgs" / "b.jpg")
+    (tmp_path / "imgs" / "val2014").mkdir()
+    (tmp_path / "imgs" / "val2014" / "b.jpg").write_bytes(b"")
+    assert load_records(ann, tmp_path / "imgs", "val")[0].path == str(tmp_path / "imgs" / "val2014" / "b.jpg")
     with pytest.raises(ValueError, match="no images for split 'test'"):
         load_records(ann, None, "test")
 

@@ -63,10 +63,12 @@ def _load_karpathy(path: Path, root: Path, split: str | None) -> list[ImageRecor
     for e in doc["images"]:
         if split is not None and e.get("split") != split:
             continue
-        rel = Path(e.get("filepath", "")) / e["filename"]
+        image = root / e.get("filepath", "") / e["filename"]
+        if e.get("filepath") and not image.exists() and (root / e["filename"]).exists():
+            image = root / e["filename"]  # a flat image folder (filepath only names the COCO split)
         caps = [s["raw"].strip() for s in e.get("sentences", [])]
         qa = [(q["question"], q["answer"]) for q in e.get("qa", [])]
-        out.append(ImageRecord(str(root / rel), caps, qa))
+        out.append(ImageRecord(str(image), caps, qa))
     return out
 
 
