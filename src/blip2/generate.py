@@ -72,77 +72,92 @@ def _warp(scores: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
 
 
 def _greedy_or_sample(state: DecodeState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
-    n = state.logits.shape[0]
-    gen = torch.Generator(device=state.logits.device).manual_seed(cfg.seed) if cfg.do_sample else None
+    """Greedy or sampled decoding; rows that emitted eos leave the batch (their LM work stops)."""
+    n, dev = state.logits.shape[0], state.logits.device
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.do_sample else None
     start_len = state.history.shape[1]
-    finished = torch.zeros(n, dtype=torch.bool, device=state.logits.device)
-    out = []
+    out = torch.full((n, cfg.max_new_tokens), pad, dtype=torch.long, device=dev)
+    active = torch.arange(n, device=dev)  # original row of every row still in `state`
     for t in range(cfg.max_new_tokens):
         scores = process_scores(state.logits, state.history, state.history.shape[1] - start_len, cfg, eos,
                                 state.lm.suppress)
         if cfg.do_sample:
             tok = torch.multinomial(_warp(scores, cfg).softmax(-1), 1, generator=gen).squeeze(1)
         else:
-            tok = scores.argmax(-1)
-        tok = torch.where(finished, torch.full_like(tok, pad), tok)  # (N,)
-        out.append(tok)
-        finished |= tok == eos
-        if finished.all() or t == cfg.max_new_tokens - 1:
-            break
+            tok = scores.argmax(-1)  # (N_active,)
+        out[active, t] = tok
+        going = tok != eos
+        if not going.any() or t == cfg.max_new_tokens - 1:
+            return out[:, : t + 1]
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            active, tok = active[keep], tok[keep]
+            state.select(keep)
         state.step(tok)
-    return torch.stack(out, dim=1)
+    return out
 
 
 def _beam_search(state: DecodeState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
-    """Beam search; returns the best finished hypothesis per input (B, T), padded with `pad`."""
+    """Beam search (transformers' semantics); returns the best finished hypothesis per input (B, T),
+    padded with `pad`. An input whose running beams can no longer beat its finished ones leaves
+    the batch, so the LM stops working for it (transformers keeps computing it until all are done)."""
     b, k, lp = state.logits.shape[0], cfg.num_beams, cfg.length_penalty
     dev = state.logits.device
     state.expand(k)
     start_len = state.history.shape[1]
     top_k_mask = torch.arange(2 * k, device=dev) < k  # only the best k candidates may finish
+    result = torch.full((b, cfg.max_new_tokens), pad, dtype=torch.long, device=dev)
+    active = torch.arange(b, device=dev)  # original input of every input still decoding
     run_scores = torch.full((b, k), NEG, device=dev)
     run_scores[:, 0] = 0.0  # all beams start identical: expand only the first
     run_seqs = torch.full((b, k, cfg.max_new_tokens), pad, dtype=torch.long, device=dev)
     fin_seqs = run_seqs.clone()
     fin_scores = torch.full((b, k), NEG, device=dev)
     fin_flag = torch.zeros(b, k, dtype=torch.bool, device=dev)
-    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
-    offsets = torch.arange(b, device=dev)[:, None] * k  # (B, 1)
     for t in range(cfg.max_new_tokens):
+        n = active.shape[0]
         logp = process_scores(state.logits.log_softmax(-1), state.history, state.history.shape[1] - start_len,
-                              cfg, eos, state.lm.suppress)  # (B*K, V)
+                              cfg, eos, state.lm.suppress)  # (N*K, V)
         vocab = logp.shape[-1]
-        total = (logp.view(b, k, vocab) + run_scores[:, :, None]).view(b, k * vocab)
-        cand_scores, cand_idx = total.topk(2 * k, dim=-1)  # (B, 2K)
+        total = (logp.view(n, k, vocab) + run_scores[:, :, None]).view(n, k * vocab)
+        cand_scores, cand_idx = total.topk(2 * k, dim=-1)  # (N, 2K)
         cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
-        cand_seqs = _take(run_seqs, cand_beam).clone()  # (B, 2K, T)
+        cand_seqs = _take(run_seqs, cand_beam).clone()  # (N, 2K, T)
         cand_seqs[:, :, t] = cand_tok
-        hits = (cand_tok == eos) | (t + 1 >= cfg.max_new_tokens)  # (B, 2K) stopping criteria
+        hits = (cand_tok == eos) | (t + 1 >= cfg.max_new_tokens)  # (N, 2K) stopping criteria
 
         # Beams that continue: the best k candidates that did not stop.
-        keep = (cand_scores + hits.float() * NEG).topk(k, dim=-1).indices  # (B, K)
+        keep = (cand_scores + hits.float() * NEG).topk(k, dim=-1).indices  # (N, K)
         run_seqs = _take(cand_seqs, keep)
         run_scores = (cand_scores + hits.float() * NEG).gather(1, keep)
-        src_beam = cand_beam.gather(1, keep)  # (B, K) beam each continuing candidate came from
+        src_beam = cand_beam.gather(1, keep)  # (N, K) beam each continuing candidate came from
 
         # Hypotheses that finish now, length-normalised, merged with the ones finished before.
         just = hits & top_k_mask[None, :]
-        norm = cand_scores / float(t + 1) ** lp
-        norm = norm + (~improvable).float() * NEG + (~just).float() * NEG
-        merged = torch.cat([fin_scores, norm], dim=1).topk(k, dim=-1).indices  # (B, K) into 3K
+        norm = cand_scores / float(t + 1) ** lp + (~just).float() * NEG
+        merged = torch.cat([fin_scores, norm], dim=1).topk(k, dim=-1).indices  # (N, K) into 3K
         fin_seqs = _take(torch.cat([fin_seqs, cand_seqs], dim=1), merged)
         fin_scores = torch.cat([fin_scores, norm], dim=1).gather(1, merged)
         fin_flag = torch.cat([fin_flag, just], dim=1).gather(1, merged)
 
         # Can a running beam still beat the worst finished one (at its current length)?
-        best_possible = run_scores[:, :1] / float(t + 1) ** lp
+        best_possible = run_scores[:, 0] / float(t + 1) ** lp
         worst = torch.where(fin_flag, fin_scores.min(dim=1, keepdim=True).values, torch.full_like(fin_scores, NEG))
-        improvable = improvable & (best_possible > worst).any(dim=-1, keepdim=True)
-        if not improvable.any() or hits.all() or t == cfg.max_new_tokens - 1:
+        improvable = (best_possible[:, None] > worst).any(dim=-1)  # (N,)
+        if not improvable.any() or t == cfg.max_new_tokens - 1:
+            result[active] = fin_seqs[:, 0]
             break
-        state.select((src_beam + offsets).flatten())
+        if not improvable.all():  # finished inputs leave the batch
+            done, go = (~improvable).nonzero().squeeze(1), improvable.nonzero().squeeze(1)
+            result[active[done]] = fin_seqs[done, 0]
+            active, run_seqs, run_scores, src_beam = active[go], run_seqs[go], run_scores[go], src_beam[go]
+            fin_seqs, fin_scores, fin_flag = fin_seqs[go], fin_scores[go], fin_flag[go]
+            rows = (go[:, None] * k + src_beam).flatten()
+        else:
+            rows = (torch.arange(n, device=dev)[:, None] * k + src_beam).flatten()
+        state.select(rows)
         state.step(run_seqs[:, :, t].flatten())
-    return fin_seqs[:, 0]
+    return result
 
 
 def _take(seqs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
