@@ -217,6 +217,14 @@ def test_corrupt_truncated_or_mismatched_checkpoints_are_refused(tmp_path):
     with pytest.raises(KeyError, match="mystery"):
         Blip2.from_dir(extra)
 
+    no_lm = tmp_path / "no_lm"
+    shutil.copytree(tmp_path / "good", no_lm)
+    state = load_file(str(weights))
+    del state["language_model.model.decoder.layers.1.fc1.weight"]
+    save_file(state, str(no_lm / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"layers\.1\.fc1\.weight"):
+        Blip2.from_dir(no_lm)
+
     wrong = tmp_path / "wrong"
     shutil.copytree(tmp_path / "good", wrong)
     cfg = json.loads((wrong / "config.json").read_text())

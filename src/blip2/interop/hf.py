@@ -146,7 +146,7 @@ def load_hf(path: str | Path, with_vision: bool = True, precision: str = "fp32")
     theirs = read_safetensors(path, exclude=(VISION, LM))
     for k, v in read_safetensors(path, prefix=VISION + "post_layernorm.").items():
         theirs[VISION + "post_layernorm." + k] = v
-    has_llm = any(True for _ in _keys_with_prefix(path, LM))
+    has_llm = any(k.startswith(LM) for k in safetensors_keys(path))
     text_branch = "embeddings.word_embeddings.weight" in theirs
     if not has_llm and not text_branch:
         raise ValueError(f"{path}: neither language_model.* nor the Q-Former text embeddings are present; "
@@ -161,13 +161,16 @@ def load_hf(path: str | Path, with_vision: bool = True, precision: str = "fp32")
     return model.eval()
 
 
-def _keys_with_prefix(path: Path, prefix: str):
-    for f in sorted(path.glob("*.safetensors")):
+def safetensors_keys(path: str | Path) -> list[str]:
+    """Tensor names of every *.safetensors in a directory, without reading the tensors."""
+    names: list[str] = []
+    for f in sorted(Path(path).glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as st:
-                yield from (k for k in st.keys() if k.startswith(prefix))  # noqa: SIM118
+                names.extend(st.keys())  # noqa: SIM118
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f} is not a readable safetensors file ({e}); re-download or re-export it") from e
+    return names
 
 
 def map_from_hf(model: nn.Module, theirs: dict[str, torch.Tensor], source: str
@@ -195,21 +198,24 @@ def map_from_hf(model: nn.Module, theirs: dict[str, torch.Tensor], source: str
 
 
 def load_language_model(path: str | Path, text_config: Any, dtype: torch.dtype) -> nn.Module:
-    """The LM of a Blip2ForConditionalGeneration checkpoint: built from its text_config, weights from
-    `language_model.*`; every parameter must be present except ones tied to a loaded one."""
+    """The LM of a Blip2ForConditionalGeneration checkpoint: transformers' own loader (memory-mapped,
+    no random init of billions of weights) reads `language_model.*` as the LM's weights; a missing,
+    misshapen or unknown LM weight raises."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     auto = AutoModelForSeq2SeqLM if text_config.is_encoder_decoder else AutoModelForCausalLM
-    lm = auto.from_config(text_config, trust_remote_code=False).to(dtype)
-    state = read_safetensors(path, prefix=LM)
-    missing, unexpected = lm.load_state_dict(state, strict=False)
-    params = dict(lm.named_parameters(remove_duplicate=False))
-    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in missing if k in params and params[k].data_ptr() not in loaded_ptrs]
-    untied += [k for k in missing if k not in params and not k.endswith(("position_ids", "inv_freq"))]
-    if untied or unexpected:
-        raise KeyError(f"{path}: language model weights do not match its text_config: {len(untied)} missing "
-                       f"{untied[:8]}, {len(unexpected)} unexpected {unexpected[:8]}")
+    lm, info = auto.from_pretrained(path, config=text_config, dtype=dtype, local_files_only=True,
+                                    trust_remote_code=False, key_mapping={r"^language_model\.": ""},
+                                    output_loading_info=True)
+    others = (VISION, "qformer.", "query_tokens", "language_projection.", "embeddings.", "vision_projection.",
+              "text_projection.", "itm_head.")
+    unknown = [k for k in info.get("unexpected_keys", []) if not k.startswith(others)]
+    missing = list(info.get("missing_keys", []))
+    mismatched = list(info.get("mismatched_keys", []))
+    if missing or unknown or mismatched:
+        raise KeyError(f"{path}: language model weights do not match its text_config: {len(missing)} missing "
+                       f"{sorted(missing)[:8]}, {len(unknown)} unexpected {sorted(unknown)[:8]}, "
+                       f"{len(mismatched)} with other shapes {mismatched[:4]}")
     return lm.eval()
 
 

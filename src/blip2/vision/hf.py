@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from blip2.config import VisionConfig
 from blip2.vision.base import FrozenImageEncoder, file_fingerprint
@@ -75,12 +74,13 @@ class HFVisionEncoder(FrozenImageEncoder):
         self.num_tokens = probe.shape[1]
 
     def _load(self, weights: list[Path], total_layers: int) -> None:
-        state: dict[str, torch.Tensor] = {}
-        for w in weights:
-            state.update(load_file(str(w)))
+        from blip2.interop.hf import read_safetensors, safetensors_keys
+
+        names = safetensors_keys(weights[0].parent)  # names only: a BLIP-2 file may hold billions of LLM weights
         target = self.model.state_dict()
-        best = max(PREFIXES, key=lambda p: sum(k[len(p):] in target for k in state if k.startswith(p)))
-        mapped = {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
+        best = max(PREFIXES, key=lambda p: sum(k[len(p):] in target for k in names if k.startswith(p)))
+        exclude = tuple(p for p in PREFIXES if p and p != best and p.startswith(best))
+        mapped = read_safetensors(weights[0].parent, prefix=best, exclude=exclude)
         missing = [k for k in target if k not in mapped]
         if missing:
             raise KeyError(f"vision weights in {weights[0].parent} lack {len(missing)} keys of the tower, "
