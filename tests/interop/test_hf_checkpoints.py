@@ -352,3 +352,20 @@ def test_cli_retrieve_on_a_transformers_retrieval_dir(tmp_path, capsys):
                  "--k", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert all(len(v) == 2 for v in out["texts_for_image"].values())  # ITM re-ranked the top 2
+
+
+def test_preprocessing_matches_the_exported_blip_image_processor(tmp_path):
+    """Pixels we feed a converted model equal what transformers' processor gives its users."""
+    import transformers as tf
+    from PIL import Image
+
+    from blip2.vision.transforms import Preprocess, eval_transform
+    from conftest import write_images
+
+    path = write_images(tmp_path, 1, size=57)[0]
+    img = Image.open(path).convert("RGB")
+    pre = Preprocess(size=32, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+    proc = tf.BlipImageProcessor(size={"height": 32, "width": 32}, image_mean=list(pre.mean),
+                                 image_std=list(pre.std), do_convert_rgb=True)
+    theirs = proc(images=img, return_tensors="pt")["pixel_values"][0]
+    assert torch.allclose(eval_transform(img, pre), theirs, atol=1e-5, rtol=0)
