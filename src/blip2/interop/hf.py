@@ -203,10 +203,17 @@ def load_language_model(path: str | Path, text_config: Any, dtype: torch.dtype) 
     misshapen or unknown LM weight raises."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from transformers.utils import logging as hf_logging
+
     auto = AutoModelForSeq2SeqLM if text_config.is_encoder_decoder else AutoModelForCausalLM
-    lm, info = auto.from_pretrained(path, config=text_config, dtype=dtype, local_files_only=True,
-                                    trust_remote_code=False, key_mapping={r"^language_model\.": ""},
-                                    output_loading_info=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report lists every non-LM tensor as unexpected; we check below
+    try:
+        lm, info = auto.from_pretrained(path, config=text_config, dtype=dtype, local_files_only=True,
+                                        trust_remote_code=False, key_mapping={r"^language_model\.": ""},
+                                        output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     others = (VISION, "qformer.", "query_tokens", "language_projection.", "embeddings.", "vision_projection.",
               "text_projection.", "itm_head.")
     unknown = [k for k in info.get("unexpected_keys", []) if not k.startswith(others)]
