@@ -31,6 +31,10 @@ def test_cache_invalidated_by_encoder_and_file_changes(tmp_path):
     cached_features(b, paths, tmp_path / "cache", num_workers=0, progress=False)
     assert b.calls == 3  # another encoder identity -> its own cache
     assert len(list((tmp_path / "cache").iterdir())) == 2
+    # same bytes, new mtime (a copied dataset): hashed, not re-encoded, and remembered
+    os.utime(paths[1], ns=(5, 5))
+    assert FeatureCache(a, tmp_path / "cache").ensure(paths, num_workers=0, progress=False) == 0
+    assert FeatureCache(a, tmp_path / "cache").index["items"][paths[1]]["stat"][1] == 5
     write_images(tmp_path / "imgs", 1, seed=9)  # overwrites img0.jpg with other pixels
     os.utime(paths[0], ns=(1, 1))
     cache = FeatureCache(a, tmp_path / "cache")

@@ -10,6 +10,7 @@ keeps what it finished. Images that cannot be decoded are recorded with their er
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -41,6 +42,15 @@ def _stat(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns
+
+
+def _digest(path: str) -> str | None:
+    """Content hash: a copied dataset (new mtimes, same bytes) keeps its cached features."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+    except OSError:
+        return None
 
 
 class _Decode(Dataset):
@@ -79,13 +89,28 @@ class FeatureCache:
             "fingerprint": encoder.fingerprint(), "items": {}, "shards": 0}
 
     def _fresh(self, path: str) -> bool:
+        """Cached and unchanged: same size and mtime, or same size and content (then the new mtime is
+        remembered, so a copied dataset is hashed once, not re-encoded)."""
         item = self.index["items"].get(path)
-        return item is not None and tuple(item["stat"] or ()) == tuple(_stat(path) or ())
+        if item is None:
+            return False
+        stat = _stat(path)
+        if tuple(item["stat"] or ()) == tuple(stat or ()):
+            return True
+        if stat is None or not item.get("digest") or not item["stat"] or item["stat"][0] != stat[0]:
+            return False
+        if _digest(path) != item["digest"]:
+            return False
+        item["stat"], self._dirty = list(stat), True
+        return True
 
     def ensure(self, paths: list[str], batch_size: int = 32, num_workers: int = 2,
                shard_size: int = 512, progress: bool = True) -> int:
         """Encode every path not yet cached (or changed on disk); returns how many were encoded."""
+        self._dirty = False
         todo = [p for p in dict.fromkeys(paths) if not self._fresh(p)]
+        if self._dirty and not todo:
+            write_json(self.dir / INDEX, self.index)  # remember the new mtimes of unchanged files
         if not todo:
             return 0
         loader = DataLoader(_Decode(todo, self.encoder.preprocess), batch_size=batch_size,
@@ -118,7 +143,7 @@ class FeatureCache:
         save_file({"features": torch.stack([f for _, f in rows]).contiguous()}, str(tmp))
         os.replace(tmp, self.dir / name)
         for r, (path, _) in enumerate(rows):
-            self.index["items"][path] = {"shard": shard, "row": r, "stat": _stat(path)}
+            self.index["items"][path] = {"shard": shard, "row": r, "stat": _stat(path), "digest": _digest(path)}
         self.index["shards"] = shard + 1
         write_json(self.dir / INDEX, self.index)
 

@@ -202,7 +202,6 @@ def load_language_model(path: str | Path, text_config: Any, dtype: torch.dtype) 
     no random init of billions of weights) reads `language_model.*` as the LM's weights; a missing,
     misshapen or unknown LM weight raises."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
     from transformers.utils import logging as hf_logging
 
     auto = AutoModelForSeq2SeqLM if text_config.is_encoder_decoder else AutoModelForCausalLM
