@@ -34,7 +34,7 @@ def run(pool: str, ann: Path, cache: Path, images: int, steps: int) -> list[floa
     torch.manual_seed(0)
     model = Blip2.build(recipe.model)
     load_bert_init(model.qformer, recipe.model.qformer.init)
-    pairs, _ = build_training_data(recipe, model)
+    pairs, _, _ = build_training_data(recipe, model)
     opt = build_optimizer(model, recipe.train)
     objective = Stage1Loss(itm=False, itg=False, itc_grad="full")
     sampler = EpochSampler(len(pairs), 32, 0)

@@ -59,16 +59,28 @@ class MetricsLog:
             self.tb.close()
 
 
-def _usable(records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
+def _usable(records: list[ImageRecord]) -> tuple[list[ImageRecord], dict[str, str]]:
     """Online mode: drop records whose image cannot be decoded (counted, not fatal)."""
-    good = []
+    good, bad = [], {}
     for r in records:
         try:
             load_rgb(r.path)
             good.append(r)
         except (OSError, ValueError, SyntaxError) as e:
-            log.warning("skipping unreadable image %s (%s)", r.path, e)
-    return good, len(records) - len(good)
+            bad[r.path] = f"{type(e).__name__}: {e}"
+    return good, bad
+
+
+def report_skipped(skipped: dict[str, str], out: Path, shown: int = 100) -> None:
+    """Name every skipped image in the log (up to `shown`) and all of them in out/skipped_images.json."""
+    if not skipped:
+        return
+    write_json(out / "skipped_images.json", skipped)
+    for path, why in list(skipped.items())[:shown]:
+        log.warning("skipped image %s (%s)", path, why)
+    if len(skipped) > shown:
+        log.warning("... and %d more skipped images, all listed in %s", len(skipped) - shown,
+                    out / "skipped_images.json")
 
 
 Recipe = Stage1Recipe | Stage2Recipe
@@ -81,7 +93,8 @@ def vqa_template(recipe: Stage2Recipe, model: Blip2) -> str:
     return recipe.stage2.qa_template or default_vqa_template(model.llm)
 
 
-def build_training_data(recipe: Recipe, model: Blip2) -> tuple[Pairs, dict[str, int]]:
+def build_training_data(recipe: Recipe, model: Blip2) -> tuple[Pairs, dict[str, int], dict[str, str]]:
+    """Pairs for training + counts + the images that could not be read (path -> reason)."""
     d = recipe.data
     records = load_records(d.train, d.images, d.train_split)[: d.max_images]
     assert model.vision is not None
@@ -93,14 +106,14 @@ def build_training_data(recipe: Recipe, model: Blip2) -> tuple[Pairs, dict[str, 
         cached = cached_features(model.vision, [r.path for r in records], d.cache_dir, d.num_workers)
         ok = set(cached.paths)
         usable = [r for r in records if r.path in ok]
-        skipped = len(records) - len(usable)
+        skipped = {r.path: cached.failed.get(r.path, "unreadable") for r in records if r.path not in ok}
         pairs = Pairs(usable, features=cached.features, **text)
     else:
         usable, skipped = _usable(records)
         pairs = Pairs(usable, encoder=model.vision, augment=d.augment, seed=recipe.train.seed, **text)
-    stats = {"images": len(usable), "skipped_images": skipped, "pairs": len(pairs)}
+    stats = {"images": len(usable), "skipped_images": len(skipped), "pairs": len(pairs)}
     log.info("training data: %d images (%d skipped as unreadable), %d pairs", *stats.values())
-    return pairs, stats
+    return pairs, stats, skipped
 
 
 def init_model(recipe: Recipe, model: Blip2, out: Path) -> None:
@@ -204,7 +217,8 @@ def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progre
         init_model(recipe, model, out)
     if stage == 2:
         model.freeze_text_branch()
-    pairs, data_stats = build_training_data(recipe, model)
+    pairs, data_stats, skipped = build_training_data(recipe, model)
+    report_skipped(skipped, out)
     sampler = EpochSampler(len(pairs), tc.batch_size, tc.seed)
     mult = recipe.stage2.prompt_lr_mult if stage == 2 else 1.0
     optimizer = build_optimizer(model, tc, {"llm_proj.": mult, "qformer.query_tokens": mult} if mult != 1.0 else None)

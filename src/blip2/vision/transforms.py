@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -28,10 +29,30 @@ class Preprocess:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to RGB; raises OSError/ValueError on a corrupt or missing file."""
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
+    """Decode an image file to 8-bit RGB.
+
+    Raises OSError/ValueError (what callers skip and count) for a missing, empty, truncated or
+    corrupt file, and for decompression bombs: more than PIL's MAX_IMAGE_PIXELS (89M) pixels is
+    refused before decoding instead of only warned about. Greyscale, palette, CMYK and alpha images
+    become RGB as in the reference (alpha dropped); 16-bit and float images are scaled to 8 bits
+    rather than clipped (PIL's own conversion saturates them to white).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return _to_rgb(im)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"refusing a decompression bomb: {e}") from e
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return im.convert("RGB")
 
 
 def to_tensor(img: Image.Image, pre: Preprocess) -> torch.Tensor:
