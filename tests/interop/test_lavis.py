@@ -160,3 +160,33 @@ def test_cli_converts_lavis_to_transformers(tmp_path):
         a = back.get_image_features(pixel_values=pixels).pooler_output
         b = hf.get_image_features(pixel_values=pixels).pooler_output
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_stage1_checkpoint_without_vit_takes_the_eva_weight_file(tmp_path):
+    """LAVIS saves only trained weights; the EVA file it downloads has one more block and a final norm."""
+    import transformers as tf
+
+    from conftest import tiny_opt
+
+    hf = tf.Blip2ForImageTextRetrieval(_hf_configs(tiny_opt().config, True)).eval()
+    _randomise(hf, 12)
+    _zero_k_bias(hf)
+    state = _lavis_state(hf)
+    eva = {k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")}
+    trained = {k: v for k, v in state.items() if not k.startswith("visual_encoder.")}
+    n = hf.config.vision_config.num_hidden_layers
+    for k in [k for k in eva if k.startswith("blocks.0.")]:  # an extra last block LAVIS does not use
+        eva[k.replace("blocks.0.", f"blocks.{n}.")] = torch.randn_like(eva[k])
+    eva["norm.weight"], eva["norm.bias"] = torch.ones(32), torch.zeros(32)
+    torch.save(eva, tmp_path / "eva_vit.pth")
+    torch.save({"model": trained}, tmp_path / "blip2_pretrained.pth")
+    with pytest.raises(ValueError, match="--vision"):
+        convert_lavis(tmp_path / "blip2_pretrained.pth", tmp_path / "out")
+    ours = convert_lavis(tmp_path / "blip2_pretrained.pth", tmp_path / "out", vision=str(tmp_path / "eva_vit.pth"),
+                         vision_heads=4, qformer_heads=4)
+    pixels = _pixels()
+    ids, mask = ours.tokenize(["a dog", "two red squares", "a man on a bench"])
+    with torch.no_grad():
+        itm = ours.itm_logits(ours.ln_vision(ours.image_features(pixels)), ids, mask)
+        ref = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True)
+    assert torch.allclose(itm, ref.logits_per_image, atol=1e-5, rtol=0)

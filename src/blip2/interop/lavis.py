@@ -160,13 +160,28 @@ def eva_to_hf_vision(state: dict[str, torch.Tensor], ln_vision: dict[str, torch.
     return out, cfg
 
 
+def eva_checkpoint(path: str | Path, drop_last: int = 1) -> dict[str, torch.Tensor]:
+    """An EVA ViT weight file as LAVIS uses it: the last `drop_last` blocks and the final norm/head
+    are not part of BLIP-2's encoder (LAVIS builds EVA ViT-g with 39 of its 40 blocks)."""
+    raw = read_checkpoint(path)
+    raw = {k[len(VISUAL):] if k.startswith(VISUAL) else k: v for k, v in raw.items()}
+    blocks = sorted({int(m.group(1)) for k in raw if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if len(blocks) <= drop_last:
+        raise ValueError(f"{path} has {len(blocks)} ViT blocks; cannot drop the last {drop_last}")
+    dropped = {f"blocks.{i}." for i in blocks[len(blocks) - drop_last:]}
+    return {VISUAL + k: v for k, v in raw.items()
+            if not k.startswith(("norm.", "fc_norm.", "head.", "rope.")) and not k.startswith(tuple(dropped))}
+
+
 def convert_lavis(ckpt: str | Path, out: str | Path, llm: str | None = None, vision: str | None = None,
                   tokenizer: str = PACKAGED, vision_heads: int | None = None, qformer_heads: int | None = None):
     """Convert a LAVIS checkpoint into our model directory `out` (plus `out/vision` for its EVA ViT).
 
     llm: local transformers directory of the LM a stage-2 checkpoint was trained with (LAVIS files
-    do not contain it). vision: a transformers vision tower directory, needed when the checkpoint
-    has no `visual_encoder.*`. Nothing is written unless every key maps and every shape fits.
+    do not contain it). vision: needed when the checkpoint has no `visual_encoder.*` (LAVIS saves
+    only trained weights): an EVA weight file (converted, its last block dropped as LAVIS does) or a
+    transformers vision tower / BLIP-2 directory. Nothing is written unless every key maps and every
+    shape fits.
     """
     import transformers as tf
 
@@ -182,17 +197,21 @@ def convert_lavis(ckpt: str | Path, out: str | Path, llm: str | None = None, vis
     llm_cfg = LLMConfig(path=str(llm), prompt_special_tokens=True) if has_proj else None
     out = Path(out)
     tower_state = None
-    if any(k.startswith(VISUAL) for k in state):
+    eva = {k: v for k, v in state.items() if k.startswith(VISUAL)}
+    if not eva and vision is not None and Path(vision).is_file():  # the EVA weights LAVIS downloads
+        eva = eva_checkpoint(vision)
+    if eva:
         ln = {"weight": ours["ln_vision.weight"], "bias": ours["ln_vision.bias"]}
-        tower_state, vkw = eva_to_hf_vision(state, ln)
+        tower_state, vkw = eva_to_hf_vision(eva, ln)
         if vision_heads:
             vkw["num_attention_heads"] = vision_heads
         tower = tf.Blip2VisionModel(tf.Blip2VisionConfig(**vkw))
         tower.load_state_dict(tower_state, strict=True)
         vision_path = out / "vision"
     elif vision is None:
-        raise ValueError(f"{ckpt} has no visual_encoder.* weights: pass a transformers vision tower directory "
-                         "(--vision) holding the encoder it was trained with")
+        raise ValueError(f"{ckpt} has no visual_encoder.* weights (LAVIS saves only trained weights): pass the "
+                         "encoder it was trained with as --vision, either its EVA .pth (e.g. eva_vit_g.pth) or a "
+                         "transformers BLIP-2 / vision tower directory")
     else:
         vision_path = Path(vision)
     with atomic_dir(out) as tmp:
