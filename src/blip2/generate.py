@@ -147,15 +147,12 @@ def _beam_search(state: DecodeState, cfg: DecodeConfig, eos: int, pad: int) -> t
         if not improvable.any() or t == cfg.max_new_tokens - 1:
             result[active] = fin_seqs[:, 0]
             break
-        if not improvable.all():  # finished inputs leave the batch
-            done, go = (~improvable).nonzero().squeeze(1), improvable.nonzero().squeeze(1)
-            result[active[done]] = fin_seqs[done, 0]
+        go = improvable.nonzero().squeeze(1)  # (N',) inputs that keep decoding
+        if go.shape[0] < n:  # finished inputs leave the batch
+            result[active[~improvable]] = fin_seqs[~improvable, 0]
             active, run_seqs, run_scores, src_beam = active[go], run_seqs[go], run_scores[go], src_beam[go]
             fin_seqs, fin_scores, fin_flag = fin_seqs[go], fin_scores[go], fin_flag[go]
-            rows = (go[:, None] * k + src_beam).flatten()
-        else:
-            rows = (torch.arange(n, device=dev)[:, None] * k + src_beam).flatten()
-        state.select(rows)
+        state.select((go[:, None] * k + src_beam).flatten())
         state.step(run_seqs[:, :, t].flatten())
     return result
 

@@ -62,6 +62,15 @@ def _lavis_state(hf, stage2: str | None = None) -> dict[str, torch.Tensor]:
     return out
 
 
+def _llm_dir(hf, path) -> str:
+    """The LM of a transformers BLIP-2 model and its tokenizer, saved alone (LAVIS files lack it)."""
+    from transformers import AutoTokenizer
+
+    hf.language_model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(path.parent / "hf").save_pretrained(path)
+    return str(path)
+
+
 def _zero_k_bias(hf) -> None:
     """EVA has no key bias: make the transformers model representable in LAVIS's layout."""
     with torch.no_grad():
@@ -104,15 +113,12 @@ def test_stage1_checkpoint_imports_with_same_outputs(tmp_path):
 def test_stage2_opt_checkpoint_needs_and_uses_the_llm(tmp_path):
     hf = make_generation_dir(tmp_path / "hf", "opt", seed=6)
     _zero_k_bias(hf)
-    hf.language_model.save_pretrained(tmp_path / "opt")
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "opt")
+    llm = _llm_dir(hf, tmp_path / "opt")
     torch.save({"model": _lavis_state(hf, "opt")}, tmp_path / "blip2_opt.pth")
     with pytest.raises(ValueError, match="--llm"):
         convert_lavis(tmp_path / "blip2_opt.pth", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    ours = convert_lavis(tmp_path / "blip2_opt.pth", tmp_path / "out", llm=str(tmp_path / "opt"), vision_heads=4,
+    ours = convert_lavis(tmp_path / "blip2_opt.pth", tmp_path / "out", llm=llm, vision_heads=4,
                          qformer_heads=4)
     assert not ours.cfg.qformer.text_branch and ours.cfg.llm.prompt_special_tokens
     pixels = _pixels()
@@ -147,13 +153,10 @@ def test_cli_converts_lavis_to_transformers(tmp_path):
 
     hf = make_generation_dir(tmp_path / "hf", "t5", seed=8)
     _zero_k_bias(hf)
-    hf.language_model.save_pretrained(tmp_path / "t5")
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "t5")
+    llm = _llm_dir(hf, tmp_path / "t5")
     torch.save({"model": _lavis_state(hf, "t5")}, tmp_path / "blip2_t5.pth")
     assert main(["convert", "--from", "lavis", "--to", "hf", str(tmp_path / "blip2_t5.pth"), str(tmp_path / "out"),
-                 "--llm", str(tmp_path / "t5"), "--vision-heads", "4", "--qformer-heads", "4"]) == 0
+                 "--llm", llm, "--vision-heads", "4", "--qformer-heads", "4"]) == 0
     back = tf.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
     pixels = _pixels()
     with torch.no_grad():

@@ -85,6 +85,7 @@ class FeatureCache:
         self.dir = Path(root or default_cache_root()) / encoder.fingerprint()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
+        self._dirty = False  # an entry's mtime was refreshed in memory (see _fresh)
         self.index = read_json(self.dir / INDEX) if (self.dir / INDEX).is_file() else {
             "fingerprint": encoder.fingerprint(), "items": {}, "shards": 0}
 

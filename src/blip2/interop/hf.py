@@ -21,9 +21,11 @@ learned temperature: imported models keep those freshly initialised (listed in `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +78,20 @@ def is_hf_dir(path: str | Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def open_safetensors(f: str | Path) -> Iterator[Any]:
+    """safe_open that turns a truncated or corrupt file into a ValueError naming it."""
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            yield st
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{f} is not a readable safetensors file ({e}); re-download or re-export it") from e
+
+
 def read_safetensors(path: str | Path, prefix: str = "", exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Tensors whose names start with `prefix` (prefix removed) from every *.safetensors in a directory.
 
     Files are opened lazily, so reading the Q-Former part of a 4B-parameter checkpoint stays cheap.
-    A truncated or corrupt file raises a ValueError that names it.
     """
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
@@ -88,14 +99,20 @@ def read_safetensors(path: str | Path, prefix: str = "", exclude: tuple[str, ...
                                 "convert them with transformers' save_pretrained(safe_serialization=True))")
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    if k.startswith(prefix) and not k.startswith(exclude):
-                        out[k[len(prefix):]] = st.get_tensor(k)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{f} is not a readable safetensors file ({e}); re-download or re-export it") from e
+        with open_safetensors(f) as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if k.startswith(prefix) and not k.startswith(exclude):
+                    out[k[len(prefix):]] = st.get_tensor(k)
     return out
+
+
+def safetensors_keys(path: str | Path) -> list[str]:
+    """Tensor names of every *.safetensors in a directory, without reading the tensors."""
+    names: list[str] = []
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with open_safetensors(f) as st:
+            names.extend(st.keys())  # noqa: SIM118
+    return names
 
 
 def _hf_config(path: Path):
@@ -161,36 +178,24 @@ def load_hf(path: str | Path, with_vision: bool = True, precision: str = "fp32")
     return model.eval()
 
 
-def safetensors_keys(path: str | Path) -> list[str]:
-    """Tensor names of every *.safetensors in a directory, without reading the tensors."""
-    names: list[str] = []
-    for f in sorted(Path(path).glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                names.extend(st.keys())  # noqa: SIM118
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{f} is not a readable safetensors file ({e}); re-download or re-export it") from e
-    return names
-
-
 def map_from_hf(model: nn.Module, theirs: dict[str, torch.Tensor], source: str
                 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """transformers tensors -> our trainable state; unknown or missing keys and bad shapes raise."""
-    own = model.trainable_state_dict()
-    state, fresh, used = {}, [], set()
-    for ours, t in own.items():
+    state: dict[str, torch.Tensor] = {}
+    fresh, missing = [], []
+    for ours, t in model.trainable_state_dict().items():
         name = hf_key(ours)
         if name is None:
             fresh.append(ours)
-            continue
-        if name not in theirs:
-            continue  # reported below as missing
-        if theirs[name].shape != t.shape:
+        elif name not in theirs:
+            missing.append(name)
+        elif theirs[name].shape != t.shape:
             raise ValueError(f"{source}: {name} has shape {tuple(theirs[name].shape)} but {ours} needs "
                              f"{tuple(t.shape)}; the checkpoint does not match its config.json")
-        state[ours], _ = theirs[name], used.add(name)
-    missing = sorted(hf_key(k) for k in own if hf_key(k) is not None and hf_key(k) not in theirs)
-    unknown = sorted(set(theirs) - used)
+        else:
+            state[ours] = theirs[name]
+    missing.sort()
+    unknown = sorted(set(theirs) - {hf_key(k) for k in state})
     if missing or unknown:
         raise KeyError(f"{source}: {len(missing)} missing keys {missing[:8]}, {len(unknown)} unknown keys "
                        f"{unknown[:8]} (not a BLIP-2 checkpoint of the kind its config.json describes)")
@@ -240,7 +245,7 @@ def save_hf(model, out: str | Path) -> str:
 
     hf_cfg, cls_name, tokenizer = _export_config(model)
     hf_model = getattr(tf, cls_name)(hf_cfg).eval()
-    state = _export_state(model, hf_model, tokenizer)
+    state = _export_state(model, hf_model)
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     if unexpected or missing:
         raise KeyError(f"export to {cls_name}: {len(missing)} missing {missing[:8]}, {len(unexpected)} "
@@ -306,7 +311,7 @@ def _export_config(model) -> tuple[Any, str, Any]:
     return cfg, "Blip2ForConditionalGeneration", tokenizer
 
 
-def _export_state(model, hf_model: nn.Module, tokenizer: Any) -> dict[str, torch.Tensor]:
+def _export_state(model, hf_model: nn.Module) -> dict[str, torch.Tensor]:
     target = hf_model.state_dict()
     state: dict[str, torch.Tensor] = {}
     for ours, t in model.trainable_state_dict().items():

@@ -54,13 +54,10 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"LAVIS checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from blip2.interop.hf import open_safetensors
 
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+        with open_safetensors(path) as st:
+            return {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure gets the same advice
