@@ -223,6 +223,31 @@ def cmd_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards(args: argparse.Namespace) -> int:
+    from blip2.data.shards import write_shards_from
+
+    report = write_shards_from(args.data, args.out, args.images, args.split, args.maxcount)
+    print(json.dumps({k: v for k, v in report.items() if k != "shards"} | {"num_shards": len(report["shards"])}))
+    return 0
+
+
+def cmd_capfilt(args: argparse.Namespace) -> int:
+    from blip2.capfilt import CapFiltConfig, run_capfilt
+    from blip2.model import Blip2
+    from blip2.train.distributed import World
+
+    world = World.from_env()
+    cfg = CapFiltConfig(num_samples=args.num_samples, top_k=args.top_k, top_p=args.top_p,
+                        temperature=args.temperature, prompt=args.prompt, use_itm=args.itm, seed=args.seed)
+    captioner = Blip2.from_dir(args.model)
+    scorer = Blip2.from_dir(args.scorer) if args.scorer else captioner
+    report = run_capfilt(captioner, scorer, args.data, args.out, cfg, args.images, args.split, world.rank,
+                         world.world_size)
+    if report is not None:
+        print(json.dumps({k: v for k, v in report.items() if k not in ("examples", "skipped", "config")}, indent=2))
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from blip2.quickstart import run_quickstart
 
@@ -378,6 +403,31 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--size", type=int, default=224)
     sc.add_argument("--seed", type=int, default=0)
     sc.set_defaults(func=cmd_scenes)
+
+    sh = sub.add_parser("shards", help="pack annotations + images into WebDataset tar shards (any --data "
+                        "command accepts the shard directory afterwards)")
+    sh.add_argument("--data", required=True, help="Karpathy JSON or JSONL annotations")
+    sh.add_argument("--images", default=None, help="image root (default: as the training commands)")
+    sh.add_argument("--split", default=None, help="pack one split (default: all, each sample keeps its split)")
+    sh.add_argument("--out", required=True, help="output directory (shard-000000.tar, ..., shards.json)")
+    sh.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    sh.set_defaults(func=cmd_shards)
+
+    cf = sub.add_parser("capfilt", help="bootstrap captions: sample synthetic ones, keep the top-k by ITC/ITM score")
+    cf.add_argument("--model", required=True, help="captioner (a stage-2 model)")
+    cf.add_argument("--scorer", default=None, help="filter model with ITC/ITM heads (default: --model)")
+    cf.add_argument("--data", required=True, help="Karpathy JSON, JSONL or shard directory")
+    cf.add_argument("--images", default=None)
+    cf.add_argument("--split", default=None)
+    cf.add_argument("--out", required=True, help="writes dataset.json, report.json, parts/ (resumable)")
+    cf.add_argument("--num-samples", type=int, default=5, help="synthetic captions sampled per image")
+    cf.add_argument("--top-k", type=int, default=2, help="captions kept per image")
+    cf.add_argument("--top-p", type=float, default=0.9)
+    cf.add_argument("--temperature", type=float, default=1.0)
+    cf.add_argument("--prompt", default="", help="prompt before each sampled caption, e.g. 'a photo of'")
+    cf.add_argument("--itm", action="store_true", help="score with ITM match probability instead of ITC")
+    cf.add_argument("--seed", type=int, default=0)
+    cf.set_defaults(func=cmd_capfilt)
 
     rt = sub.add_parser("retrieve", help="rank captions for images and images for captions (ITC, then ITM)")
     rt.add_argument("--model", required=True)

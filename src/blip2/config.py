@@ -216,8 +216,9 @@ class DataConfig:
 class TrainConfig:
     """Optimisation and bookkeeping."""
 
-    # Optimizer steps; each step sees batch_size * grad_accum pairs (per process).
+    # Optimizer steps; each step sees batch_size * grad_accum pairs.
     steps: int = 1000
+    # Global batch: with N processes (torchrun) each takes batch_size / N of it.
     batch_size: int = 32
     grad_accum: int = 1
     # Peak learning rate (paper: 1e-4).
@@ -229,6 +230,9 @@ class TrainConfig:
     # AdamW decay (on >= 2-D weights only) and betas (paper: 0.05, (0.9, 0.98)).
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
+    # AdamW's epsilon (torch's default). Its first step moves each weight by ~lr * g / (|g| + eps),
+    # i.e. by lr * sign(g) where |g| >> eps; a large eps makes the step proportional to the gradient.
+    adam_eps: float = 1e-8
     # Global gradient-norm clip (0 = off, as the reference). Early ITG gradients dominate the norm,
     # so clipping at 1.0 shrinks the ITC/ITM updates by 3-20x in the first hundreds of steps.
     grad_clip: float = 0.0
@@ -255,6 +259,8 @@ class TrainConfig:
             raise ValueError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
         if self.warmup_steps < 0:
             raise ValueError("train.warmup_steps must be >= 0")
+        if self.adam_eps <= 0:
+            raise ValueError("train.adam_eps must be positive")
 
 
 @dataclass

@@ -1,15 +1,75 @@
-"""Atomic file/directory writes and safe loads (no pickled code is ever executed)."""
+"""Atomic file/directory writes, safe loads (no pickled code is ever executed), and reading files
+that live inside tar shards."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+# "<shard>.tar#<member>" names a file inside a tar shard (blip2.data.shards).
+MEMBER_SEP = "#"
+
+
+def split_member(path: str | Path) -> tuple[str, str] | None:
+    """(tar path, member name) for a tar-member path, None for an ordinary file."""
+    tar, sep, member = str(path).rpartition(MEMBER_SEP)
+    return (tar, member) if sep and tar.endswith(".tar") else None
+
+
+@functools.lru_cache(maxsize=32)
+def _open_tar(path: str, pid: int, mtime_ns: int) -> tarfile.TarFile:
+    """One open TarFile per shard, process and version: its member index is scanned once, and a
+    forked DataLoader worker never shares a file offset with its parent."""
+    return tarfile.open(path)
+
+
+def _member(path: str) -> tuple[tarfile.TarFile, tarfile.TarInfo]:
+    tar, member = split_member(path)  # type: ignore[misc]
+    st = os.stat(tar)  # FileNotFoundError for a missing shard
+    try:
+        archive = _open_tar(tar, os.getpid(), st.st_mtime_ns)
+        return archive, archive.getmember(member)
+    except KeyError:
+        raise FileNotFoundError(f"{member} is not in the shard {tar}") from None
+    except tarfile.TarError as e:  # callers skip unreadable images on OSError
+        raise OSError(f"shard {tar} is unreadable ({e})") from e
+
+
+def open_binary(path: str | Path) -> BinaryIO:
+    """Open a file, or a member of a tar shard, for reading bytes."""
+    if split_member(path) is None:
+        return open(path, "rb")
+    archive, info = _member(str(path))
+    try:
+        f = archive.extractfile(info)
+    except tarfile.TarError as e:
+        raise OSError(f"{path}: {e}") from e
+    if f is None:
+        raise FileNotFoundError(f"{path} is not a regular file in its shard")
+    return io.BytesIO(f.read())
+
+
+def source_stat(path: str | Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, or of a tar member (the member's size, the shard's mtime); None
+    when it cannot be read. Caches use it to notice changed inputs."""
+    try:
+        if split_member(path) is None:
+            st = os.stat(path)
+            return st.st_size, st.st_mtime_ns
+        tar, _ = split_member(path)  # type: ignore[misc]
+        _, info = _member(str(path))
+        return info.size, os.stat(tar).st_mtime_ns
+    except OSError:
+        return None
 
 
 def _fsync_tree(path: Path) -> None:

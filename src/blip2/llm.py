@@ -198,8 +198,15 @@ class FrozenLM(nn.Module):
 
     def loss(self, soft: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
         """Mean cross-entropy over target tokens (and eos); queries, prompts and pads carry no loss."""
+        total, count = self.loss_sum(soft, prompts, targets)
+        return total / max(count, 1)
+
+    def loss_sum(self, soft: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]
+                 ) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy over target tokens and their count (distributed training needs both)."""
         logits, labels = self._target_logits(self.layout(soft, prompts, targets))
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        return total, int((labels != -100).sum())
 
     def sequence_logprob(self, soft: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]
                          ) -> torch.Tensor:

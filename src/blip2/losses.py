@@ -76,6 +76,22 @@ def gather_padded(ids: torch.Tensor, mask: torch.Tensor, pad_id: int,
     return gather_no_grad(ids, world_size), gather_no_grad(mask, world_size)
 
 
+def global_token_mean(total: torch.Tensor, count: int, world_size: int) -> torch.Tensor:
+    """Summed per-token loss of this rank -> its share of the mean over every rank's tokens.
+
+    Ranks hold different numbers of target tokens, so averaging per-rank means (what gradient
+    averaging does) is not the mean over the global batch. Scaling the local sum by
+    world_size / global_count makes the rank average exactly the global token mean.
+    """
+    if world_size == 1:
+        return total / max(count, 1)
+    import torch.distributed as dist
+
+    n = torch.tensor([count], dtype=torch.float64, device=total.device)
+    dist.all_reduce(n)
+    return total * world_size / n.clamp(min=1).to(total.dtype)
+
+
 # --------------------------------------------------------------------------- ITC
 
 
@@ -182,9 +198,9 @@ class ITMLoss(nn.Module):
 class ITGLoss(nn.Module):
     """Image-grounded text generation: [DEC]-prefixed causal LM over the caption, queries as prefix."""
 
-    def __init__(self, label_smoothing: float = 0.1):
+    def __init__(self, label_smoothing: float = 0.1, world_size: int = 1):
         super().__init__()
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.world_size = label_smoothing, world_size
 
     def forward(self, model: Blip2, ids: torch.Tensor, mask: torch.Tensor,
                 query_past: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -195,7 +211,9 @@ class ITGLoss(nn.Module):
         select = torch.zeros_like(mask, dtype=torch.bool)
         select[:, :-1] = targets != -100  # positions that predict a real next token
         logits = model.itg_logits(dec_ids, mask, query_past, select)  # (N, V)
-        return F.cross_entropy(logits, targets[targets != -100], label_smoothing=self.label_smoothing)
+        labels = targets[targets != -100]
+        total = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction="sum")
+        return global_token_mean(total, labels.numel(), self.world_size)
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -210,7 +228,7 @@ class Stage1Loss(nn.Module):
         self.use = {"itc": itc, "itm": itm, "itg": itg}
         self.itc = ITCLoss(label_smoothing, itc_grad, itc_targets, rank, world_size)
         self.itm = ITMLoss(rank, world_size)
-        self.itg = ITGLoss(label_smoothing)
+        self.itg = ITGLoss(label_smoothing, world_size)
 
     def forward(self, model: Blip2, image_feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                 image_ids: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -255,9 +273,9 @@ class Stage2Loss(nn.Module):
     with the queries, the rest of the text is the decoder target.
     """
 
-    def __init__(self, prefix_split: str = "random"):
+    def __init__(self, prefix_split: str = "random", world_size: int = 1):
         super().__init__()
-        self.prefix_split = prefix_split
+        self.prefix_split, self.world_size = prefix_split, world_size
 
     def forward(self, model: Blip2, image_feats: torch.Tensor, prompts: list[str], texts: list[str],
                 generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -269,5 +287,6 @@ class Stage2Loss(nn.Module):
             for i, p in enumerate(prompts):
                 if not p:
                     prompt_ids[i], target_ids[i] = split_prefix(target_ids[i], generator)
-        loss = lm.loss(model.soft_prompt(image_feats), prompt_ids, target_ids)
+        total, count = lm.loss_sum(model.soft_prompt(image_feats), prompt_ids, target_ids)
+        loss = global_token_mean(total, count, self.world_size)
         return {"loss": loss, "lm": loss.detach()}

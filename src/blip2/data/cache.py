@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from blip2.data.records import ImageRecord, load_records
-from blip2.io import read_json, write_json
+from blip2.io import open_binary, read_json, source_stat, write_json
 from blip2.vision import FrozenImageEncoder
 from blip2.vision.transforms import Preprocess, eval_transform, load_rgb
 
@@ -37,17 +37,13 @@ def default_cache_root() -> Path:
 
 
 def _stat(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
+    return source_stat(path)
 
 
 def _digest(path: str) -> str | None:
     """Content hash: a copied dataset (new mtimes, same bytes) keeps its cached features."""
     try:
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
     except OSError:
         return None

@@ -67,7 +67,8 @@ class Pairs:
     (prompt = the template filled with the question, text = the answer). With a `tokenizer` (stage 1)
     batches carry Q-Former token ids; stage 2 tokenizes for its LLM itself.
     With `features` (aligned with `records`) batches carry cached features; without, batches
-    carry pixels decoded on the fly (augmented when `augment`) for the encoder to run each step.
+    carry pixels decoded on the fly (augmented when `augment`, seeded per pair and step) for the
+    encoder to run each step.
     """
 
     def __init__(self, records: list[ImageRecord], tokenizer, max_len: int,
@@ -77,7 +78,7 @@ class Pairs:
             raise ValueError("Pairs needs cached features or the encoder's preprocessing")
         self.records, self.tokenizer, self.max_len = records, tokenizer, max_len
         self.features, self.encoder, self.augment = features, encoder, augment
-        self.rng = random.Random(seed)
+        self.seed = seed
         self.pairs = [(i, caption_prompt, clean_caption(c)) for i, r in enumerate(records) for c in r.captions]
         if qa_template:
             self.pairs += [(i, qa_template.format(q.strip()), a.strip()) for i, r in enumerate(records)
@@ -89,7 +90,9 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def batch(self, indices: torch.Tensor) -> Batch:
+    def batch(self, indices: torch.Tensor, step: int = 0) -> Batch:
+        """The pairs at `indices`; `step` seeds augmentation per pair, so a pair is augmented the same
+        way whichever process (or resumed run) draws it at that step."""
         chosen = [self.pairs[int(k)] for k in indices]
         image_idx = torch.tensor([i for i, _, _ in chosen])
         prompts, texts = [p for _, p, _ in chosen], [c for _, _, c in chosen]
@@ -101,7 +104,8 @@ class Pairs:
         pre = self.encoder.preprocess
         imgs = [load_rgb(self.records[int(i)].path) for i in image_idx]
         if self.augment:
-            pixels = torch.stack([train_transform(im, pre, self.rng) for im in imgs])
+            rngs = [random.Random((self.seed * 1_000_003 + step) * 10_000_019 + int(k)) for k in indices]
+            pixels = torch.stack([train_transform(im, pre, rng) for im, rng in zip(imgs, rngs, strict=True)])
         else:
             pixels = torch.stack([eval_transform(im, pre) for im in imgs])
         return Batch(ids, mask, image_idx, pixels=pixels, prompts=prompts, texts=texts)

@@ -25,8 +25,16 @@ def load_records(annotations: str | Path, images: str | Path | None = None,
     "qa"?: [{"question", "answer"}]}]}. JSONL: one {"image": path, "caption": text} (or "captions":
     [...], or "question" + "answer"; optional "split") per line; lines for the same image are
     grouped. Relative image paths resolve against `images` (default: an `images/` folder beside
-    the annotations, else the annotations' folder).
+    the annotations, else the annotations' folder). WebDataset shards written by `blip2 shards`
+    (their directory, a .tar, or a brace pattern of .tar files) are read the same way.
     """
+    from blip2.data.shards import is_shard_spec, load_shard_records
+
+    if is_shard_spec(annotations):
+        records = load_shard_records(annotations, split)
+        if not records:
+            raise ValueError(f"{annotations}: no samples for split {split!r}")
+        return records
     annotations = Path(annotations)
     if not annotations.is_file():
         raise FileNotFoundError(f"annotation file {annotations} does not exist")
@@ -41,7 +49,12 @@ def load_records(annotations: str | Path, images: str | Path | None = None,
 
 
 def has_splits(annotations: str | Path) -> bool:
-    """Whether the annotations name splits (Karpathy JSON always does; JSONL only with "split" fields)."""
+    """Whether the annotations name splits (Karpathy JSON always does; JSONL and shards only with
+    "split" fields)."""
+    from blip2.data.shards import is_shard_spec, shard_splits
+
+    if is_shard_spec(annotations):
+        return bool(shard_splits(annotations) - {None})
     annotations = Path(annotations)
     if annotations.suffix != ".jsonl":
         return True

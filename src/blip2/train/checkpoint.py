@@ -1,15 +1,15 @@
-"""Training checkpoints: weights (safetensors) + recipe + optimizer + RNG + data position.
+"""Training checkpoints: weights (safetensors) + recipe + optimizer + data position.
 
 <out>/checkpoints/step-00001200/
     model.safetensors   trainable weights          config.json   recipe + model config
-    optimizer.pt        optimizer state dict, torch RNG state (loaded with weights_only=True)
-    state.json          step, sampler position, python RNG state
-Each directory is written atomically; only the newest `keep` are kept.
+    optimizer.pt        optimizer state dict (loaded with weights_only=True)
+    state.json          step, sampler position, number of processes that wrote it
+Each directory is written atomically; only the newest `keep` are kept. No RNG state is needed: the
+loop seeds every random draw from (seed, step, rank), so a resumed run repeats an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import random
 import re
 import shutil
 from dataclasses import dataclass
@@ -31,7 +31,6 @@ class Checkpoint:
     recipe: dict[str, Any]
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
-    torch_rng: torch.Tensor
     state: dict[str, Any]
 
 
@@ -49,10 +48,8 @@ def save(out: Path, step: int, recipe: dict[str, Any], weights: dict[str, torch.
     with atomic_dir(dest) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         write_json(tmp / "config.json", recipe)
-        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-        py_state = random.getstate()
-        write_json(tmp / "state.json", dict(state, step=step,
-                                            python_rng=[py_state[0], list(py_state[1]), py_state[2]]))
+        torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
+        write_json(tmp / "state.json", dict(state, step=step))
     old = sorted(p for p in dest.parent.iterdir() if STEP_DIR.match(p.name))[:-keep]
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
@@ -74,10 +71,4 @@ def load(path: Path) -> Checkpoint:
     except Exception as e:  # corrupt files of any kind: refuse with the path
         raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to resume "
                          "from the previous one") from e
-    return Checkpoint(path, int(state["step"]), recipe, weights, blob["optimizer"], blob["torch_rng"], state)
-
-
-def restore_rng(ckpt: Checkpoint) -> None:
-    torch.set_rng_state(ckpt.torch_rng)
-    v, internal, gauss = ckpt.state["python_rng"]
-    random.setstate((v, tuple(internal), gauss))
+    return Checkpoint(path, int(state["step"]), recipe, weights, blob["optimizer"], state)

@@ -26,6 +26,7 @@ from blip2.losses import Stage1Loss, Stage2Loss
 from blip2.model import CONFIG, WEIGHTS, Blip2
 from blip2.qformer import load_bert_init
 from blip2.train import checkpoint
+from blip2.train.distributed import World
 from blip2.train.optim import build_optimizer, lr_at
 from blip2.vision.transforms import load_rgb
 
@@ -93,8 +94,13 @@ def vqa_template(recipe: Stage2Recipe, model: Blip2) -> str:
     return recipe.stage2.qa_template or default_vqa_template(model.llm)
 
 
-def build_training_data(recipe: Recipe, model: Blip2) -> tuple[Pairs, dict[str, int], dict[str, str]]:
-    """Pairs for training + counts + the images that could not be read (path -> reason)."""
+def build_training_data(recipe: Recipe, model: Blip2, world: World | None = None
+                        ) -> tuple[Pairs, dict[str, int], dict[str, str]]:
+    """Pairs for training + counts + the images that could not be read (path -> reason).
+
+    With several processes the main one fills the feature cache first; the others then read it.
+    """
+    world = world or World()
     d = recipe.data
     records = load_records(d.train, d.images, d.train_split)[: d.max_images]
     assert model.vision is not None
@@ -103,7 +109,12 @@ def build_training_data(recipe: Recipe, model: Blip2) -> tuple[Pairs, dict[str, 
         text = {"tokenizer": None, "max_len": 0, "caption_prompt": recipe.stage2.caption_prompt,
                 "qa_template": vqa_template(recipe, model) if recipe.stage2.use_qa else None}
     if d.use_cache:
-        cached = cached_features(model.vision, [r.path for r in records], d.cache_dir, d.num_workers)
+        if not world.is_main:
+            world.barrier()  # wait until the main process has encoded and saved every image
+        cached = cached_features(model.vision, [r.path for r in records], d.cache_dir, d.num_workers,
+                                 progress=world.is_main)
+        if world.is_main:
+            world.barrier()
         ok = set(cached.paths)
         usable = [r for r in records if r.path in ok]
         skipped = {r.path: cached.failed.get(r.path, "unreadable") for r in records if r.path not in ok}
@@ -116,15 +127,18 @@ def build_training_data(recipe: Recipe, model: Blip2) -> tuple[Pairs, dict[str, 
     return pairs, stats, skipped
 
 
-def init_model(recipe: Recipe, model: Blip2, out: Path) -> None:
-    """Fresh-run initialisation: the Q-Former from BERT, or stage 2 from a stage-1 model."""
+def init_model(recipe: Recipe, model: Blip2, out: Path | None) -> None:
+    """Fresh-run initialisation: the Q-Former from BERT, or stage 2 from a stage-1 model; the report
+    goes to out/init_report.json (out=None: not written, as on every process but the main one)."""
     init_dir = recipe.stage2.init if isinstance(recipe, Stage2Recipe) else ""
+    report = None
     if init_dir:
         model.load_trainable(load_file(str(Path(init_dir) / WEIGHTS)), source=init_dir, allow_missing=("llm_proj.",))
-        write_json(out / "init_report.json", {"stage1_model": str(init_dir), "new": ["llm_proj.weight",
-                                                                                       "llm_proj.bias"]})
+        report = {"stage1_model": str(init_dir), "new": ["llm_proj.weight", "llm_proj.bias"]}
     elif recipe.model.qformer.init != "none":
-        write_json(out / "init_report.json", load_bert_init(model.qformer, recipe.model.qformer.init))
+        report = load_bert_init(model.qformer, recipe.model.qformer.init)
+    if report is not None and out is not None:
+        write_json(out / "init_report.json", report)
 
 
 def resolve_stage2_model(recipe: Stage2Recipe) -> None:
@@ -135,13 +149,14 @@ def resolve_stage2_model(recipe: Stage2Recipe) -> None:
         recipe.model.vision, recipe.model.qformer = stage1.vision, stage1.qformer
 
 
-def objective_for(recipe: Recipe):
-    """batch -> dict of loss terms ("loss" is optimised)."""
+def objective_for(recipe: Recipe, world: World):
+    """batch -> dict of loss terms ("loss" is optimised); this rank's share of the global-batch loss."""
     if isinstance(recipe, Stage2Recipe):
-        lm = Stage2Loss(recipe.stage2.prefix_split)
+        lm = Stage2Loss(recipe.stage2.prefix_split, world.world_size)
         return lambda model, batch, feats, gen: lm(model, feats, batch.prompts, batch.texts, gen)
     lc = recipe.loss
-    s1 = Stage1Loss(lc.itc, lc.itm, lc.itg, lc.label_smoothing, lc.itc_grad, lc.itc_targets, rank=0, world_size=1)
+    s1 = Stage1Loss(lc.itc, lc.itm, lc.itg, lc.label_smoothing, lc.itc_grad, lc.itc_targets, rank=world.rank,
+                    world_size=world.world_size)
     return lambda model, batch, feats, gen: s1(model, feats, batch.ids, batch.mask, batch.image_ids, gen)
 
 
@@ -185,15 +200,23 @@ def _finished(run: Path) -> dict[str, Any] | None:
     return read_json(done) if done.is_file() and (run / "model" / CONFIG).is_file() else None
 
 
-def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progress: bool = True,
+          world: World | None = None) -> dict[str, Any]:
     """Train (or resume) a stage-1 or stage-2 recipe in `out`; returns a summary.
 
-    `stop_after` stops after that many steps, as a kill would (used by the resume tests).
+    `stop_after` stops after that many steps, as a kill would (used by the resume tests). `world`
+    (default: from torchrun's environment) splits each global batch of train.batch_size over the
+    processes; the main process alone writes checkpoints, logs, the model and evaluates.
     """
     stage = 2 if isinstance(recipe, Stage2Recipe) else 1
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    world = world or World.from_env()
     tc = recipe.train
+    if tc.batch_size % world.world_size:
+        raise ValueError(f"train.batch_size {tc.batch_size} is the global batch and must split evenly over "
+                         f"{world.world_size} processes; use a multiple of {world.world_size}")
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.use_deterministic_algorithms(tc.deterministic)
@@ -214,33 +237,34 @@ def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progre
     torch.manual_seed(tc.seed)
     model = Blip2.build(recipe.model)
     if ckpt is None:
-        init_model(recipe, model, out)
+        init_model(recipe, model, out if world.is_main else None)
     if stage == 2:
         model.freeze_text_branch()
-    pairs, data_stats, skipped = build_training_data(recipe, model)
-    report_skipped(skipped, out)
+    pairs, data_stats, skipped = build_training_data(recipe, model, world)
+    if world.is_main:
+        report_skipped(skipped, out)
+    # One sampler over the global batch on every rank (same seed): its state is independent of the
+    # number of processes, so a run can resume on a different one.
     sampler = EpochSampler(len(pairs), tc.batch_size, tc.seed)
     mult = recipe.stage2.prompt_lr_mult if stage == 2 else 1.0
     optimizer = build_optimizer(model, tc, {"llm_proj.": mult, "qformer.query_tokens": mult} if mult != 1.0 else None)
-    objective = objective_for(recipe)
-    # Re-seed after data preparation: whether the feature cache already existed (its DataLoader draws
-    # from the global RNG) must not change the training trajectory.
-    torch.manual_seed(tc.seed + 1)
+    objective = objective_for(recipe, world)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     start = 0
     if ckpt is not None:
         model.load_trainable(ckpt.weights, source=str(ckpt.path))
         optimizer.load_state_dict(ckpt.optimizer)
         sampler.load_state(ckpt.state["sampler"])
-        if "pairs_rng" in ckpt.state:
-            pairs.rng.setstate(_tuple_state(ckpt.state["pairs_rng"]))
-        checkpoint.restore_rng(ckpt)
         start = ckpt.step
         log.info("resumed from %s at step %d", ckpt.path, start)
+    world.broadcast_(trainable)
     recipe_dict = to_dict(recipe)
-    write_json(out / "recipe.json", recipe_dict)
+    if world.is_main:
+        write_json(out / "recipe.json", recipe_dict)
 
-    metrics = MetricsLog(out)
-    bar = tqdm(total=tc.steps, initial=start, desc=f"stage {stage}", unit="step", disable=not progress)
+    metrics = MetricsLog(out) if world.is_main else None
+    bar = tqdm(total=tc.steps, initial=start, desc=f"stage {stage}", unit="step",
+               disable=not (progress and world.is_main))
     window_t, window_n = time.perf_counter(), 0
     step = start
     while step < tc.steps:
@@ -248,23 +272,29 @@ def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progre
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         model.train()
+        # Dropout draws from the global RNG, seeded per (step, rank): a resumed run, on any number
+        # of processes, continues exactly as an uninterrupted one with that many processes.
+        torch.manual_seed((tc.seed * 1_000_003 + step) * 1009 + world.rank + 1)
         totals: dict[str, float] = {}
         for micro in range(tc.grad_accum):
-            batch = pairs.batch(sampler.next())
+            batch = pairs.batch(world.shard(sampler.next()), step)
             feats = batch.image_feats if batch.image_feats is not None else model.image_features(batch.pixels)
+            # the same on every rank: ITM's negative sampling draws for the global batch
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * tc.grad_accum + micro)
             terms = objective(model, batch, feats, gen)
             (terms["loss"] / tc.grad_accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / tc.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        world.average_gradients_(trainable)
+        totals = world.mean(totals)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_n += tc.batch_size * tc.grad_accum
         bar.update(1)
-        if step % tc.log_every == 0 or step == tc.steps:
+        if world.is_main and (step % tc.log_every == 0 or step == tc.steps):
+            assert metrics is not None
             elapsed = time.perf_counter() - window_t
             row = {"step": step, **{k: round(v, 5) for k, v in totals.items()}, "lr": lr,
                    "grad_norm": float(grad_norm), "epoch": sampler.epoch,
@@ -275,14 +305,17 @@ def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progre
             metrics.write(row)
             bar.set_postfix(loss=f"{totals['loss']:.3f}", sps=row["samples_per_s"])
             window_t, window_n = time.perf_counter(), 0
-        if step % tc.ckpt_every == 0 or step == tc.steps:
+        if world.is_main and (step % tc.ckpt_every == 0 or step == tc.steps):
             checkpoint.save(out, step, recipe_dict, model.trainable_state_dict(), optimizer,
-                            {"sampler": sampler.state(), "pairs_rng": _list_state(pairs.rng.getstate())})
+                            {"sampler": sampler.state(), "world_size": world.world_size})
         if stop_after is not None and step >= stop_after:
             bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
             return {"stopped_at": step}
     bar.close()
+    if metrics is None:  # not the main process: the main one saves, summarises and evaluates
+        return {"stage": stage, "steps": tc.steps, "rank": world.rank}
     metrics.close()
 
     meta = {"stage": stage, "steps": tc.steps, "recipe": recipe_dict}
@@ -311,14 +344,6 @@ def _resolved_model_cfg(recipe: Recipe, saved: Recipe):
     if cfg.qformer.vision_width is None:
         cfg.qformer.vision_width = saved.model.qformer.vision_width
     return cfg
-
-
-def _list_state(state: tuple) -> list:
-    return [state[0], list(state[1]), state[2]]
-
-
-def _tuple_state(state: list) -> tuple:
-    return (state[0], tuple(state[1]), state[2])
 
 
 def _plot_curves(out: Path, stage: int = 1) -> None:

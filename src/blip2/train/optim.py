@@ -26,7 +26,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr_mult: dict[str, float
         groups.setdefault((p.ndim >= 2, mult), []).append(p)
     return torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
                               for (decay, mult), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))],
-                             lr=cfg.lr, betas=cfg.betas)
+                             lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

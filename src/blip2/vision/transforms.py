@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from blip2.io import open_binary, split_member
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -40,7 +42,7 @@ def load_rgb(path: str) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as im:
+            with Image.open(path if split_member(path) is None else open_binary(path)) as im:
                 im.load()
                 return _to_rgb(im)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

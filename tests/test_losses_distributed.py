@@ -1,5 +1,6 @@
-"""Two gloo processes on CPU compute the same ITC/ITM losses and gradients as one process on the
-same global batch (DDP-style gradient averaging), for both ITC gradient modes."""
+"""Two gloo processes on CPU compute the same ITC/ITM/ITG losses and gradients as one process on the
+same global batch (gradient averaging), for both ITC gradient modes. The ranks hold different numbers
+of caption tokens, which ITG's global token mean must account for."""
 
 import os
 
@@ -36,7 +37,7 @@ def _model():
 
 
 def _run(model, feats, ids, mask, image_ids, grad_mode, rank, world):
-    objective = Stage1Loss(itg=False, itc_grad=grad_mode, rank=rank, world_size=world)
+    objective = Stage1Loss(itg=True, itc_grad=grad_mode, rank=rank, world_size=world)
     # trim padding to this slice's longest caption so ranks really hold different widths
     width = int(mask.sum(1).max())
     out = objective(model, feats, ids[:, :width], mask[:, :width], image_ids, torch.Generator().manual_seed(5))
@@ -55,7 +56,7 @@ def _worker(rank, world, init_file, grad_mode, result_file):
     for g in grads.values():  # what DDP does
         dist.all_reduce(g)
         g /= world
-    loss = torch.tensor([losses["loss"], losses["itc"], losses["itm"]])
+    loss = torch.tensor([losses["loss"], losses["itc"], losses["itm"], losses["itg"]])
     dist.all_reduce(loss)
     if rank == 0:
         torch.save({"loss": loss / world, "grads": grads}, result_file)
@@ -71,7 +72,7 @@ def test_two_process_gloo_equals_single_process(tmp_path, grad_mode):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), grad_mode, str(result)), nprocs=2, join=True)
     multi = torch.load(result, weights_only=True)
     got = multi["loss"].tolist()
-    assert got == pytest.approx([single["loss"], single["itc"], single["itm"]], rel=1e-5, abs=1e-6)
+    assert got == pytest.approx([single["loss"], single["itc"], single["itm"], single["itg"]], rel=1e-5, abs=1e-6)
     assert set(multi["grads"]) == set(grads)
     for name, g in grads.items():
         torch.testing.assert_close(multi["grads"][name], g, atol=2e-6, rtol=1e-4, msg=name)
