@@ -99,6 +99,13 @@ def tiny_lm_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
+def save_tiny_llm(directory, init_std: float = 0.02):
+    """A tiny Llama + word-level tokenizer saved as a transformers directory (model.llm.path)."""
+    tiny_llama(init_std=init_std).save_pretrained(directory)
+    tiny_lm_tokenizer().save_pretrained(directory)
+    return directory
+
+
 def tiny_llama(seed: int = 0, init_std: float = 0.3):
     """A 2-layer Llama-style causal LM (GQA, RoPE, tied embeddings) with peaky random logits."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -9,24 +9,23 @@ import pytest
 import torch
 
 from blip2.capfilt import CapFiltConfig, run_capfilt
-from blip2.config import Blip2Config, LLMConfig, VisionConfig
+from blip2.config import Blip2Config, DecodeConfig, LLMConfig, VisionConfig
 from blip2.data.records import load_records
 from blip2.data.scenes import write_scenes
 from blip2.model import Blip2
 from blip2.retrieval import embed_gallery
 from blip2.tasks import image_features
-from conftest import tiny_llama, tiny_lm_tokenizer, tiny_qformer
+from conftest import save_tiny_llm, tiny_qformer
 
-CFG = CapFiltConfig(num_samples=3, top_k=2, max_new_tokens=6, min_new_tokens=2, seed=7)
+CFG = CapFiltConfig(num_samples=3, top_k=2, seed=7, sampling=DecodeConfig(
+    num_beams=1, do_sample=True, top_p=0.9, max_new_tokens=6, min_new_tokens=2))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("capfilt")
     ann = write_scenes(root / "data", 4, 5, size=64, seed=5)
-    llm_dir = root / "llm"
-    tiny_llama(init_std=0.3).save_pretrained(llm_dir)
-    tiny_lm_tokenizer().save_pretrained(llm_dir)
+    llm_dir = save_tiny_llm(root / "llm", init_std=0.3)
     torch.manual_seed(0)
     cfg = Blip2Config(vision=VisionConfig(image_size=64), qformer=tiny_qformer(vision_width=None),
                       llm=LLMConfig(path=str(llm_dir), max_prompt_len=8, max_text_len=8))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,9 @@ class CapFiltConfig:
     num_samples: int = 5
     # Captions kept per image (originals and synthetic ones compete for the same places).
     top_k: int = 2
-    # Nucleus mass, temperature and length limits of the sampled captions.
-    top_p: float = 0.9
-    temperature: float = 1.0
-    max_new_tokens: int = 30
-    min_new_tokens: int = 5
+    # How captions are sampled (nucleus sampling; its seed is replaced by seed + image index).
+    sampling: DecodeConfig = field(default_factory=lambda: DecodeConfig(
+        num_beams=1, do_sample=True, top_p=0.9, max_new_tokens=30, min_new_tokens=5))
     # Optional prompt before every sampled caption (e.g. "a photo of").
     prompt: str = ""
     # Score with ITM's match probability instead of ITC's cosine similarity.
@@ -55,6 +53,9 @@ class CapFiltConfig:
     def __post_init__(self) -> None:
         if self.num_samples < 0 or self.top_k < 1:
             raise ValueError("capfilt: num_samples must be >= 0 and top_k >= 1")
+        if not self.sampling.do_sample or self.sampling.num_beams != 1:
+            raise ValueError("capfilt.sampling must sample (do_sample=True, num_beams=1): beam search would "
+                             "return the same caption num_samples times")
 
 
 @torch.no_grad()
@@ -76,9 +77,7 @@ def filter_image(captioner: Blip2, scorer: Blip2, feats: torch.Tensor, scorer_fe
     encoder), keep the top k. Returns the per-image result written to the parts."""
     synthetic: list[str] = []
     if cfg.num_samples:
-        decode = DecodeConfig(num_beams=1, do_sample=True, top_p=cfg.top_p, temperature=cfg.temperature,
-                              max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-                              seed=cfg.seed + index)
+        decode = replace(cfg.sampling, seed=cfg.seed + index)
         out = captioner.generate(feats.expand(cfg.num_samples, -1, -1), [cfg.prompt] * cfg.num_samples, decode)
         synthetic = [clean_caption(f"{cfg.prompt} {t}".strip()) for t in out]
     candidates = [(c, "original") for c in record.captions] + [(c, "synthetic") for c in synthetic if c]
@@ -104,7 +103,7 @@ def run_capfilt(captioner: Blip2, scorer: Blip2, annotations: str, out: str | Pa
     _drop_partial_line(part)
     done = set(_read_parts(parts))
     mine = [i for i in range(rank, len(records), world_size) if i not in done]
-    write_json(out / "capfilt_config.json", {"config": cfg.__dict__, "annotations": str(annotations),
+    write_json(out / "capfilt_config.json", {"config": asdict(cfg), "annotations": str(annotations),
                                              "split": split, "images": len(records)})
     skipped: dict[str, str] = {}
     with open(part, "a") as f:
@@ -181,7 +180,7 @@ def _write_outputs(out: Path, records: list[ImageRecord], results: dict[int, dic
               "original_captions": originals, "kept_captions": kept_original + kept_synthetic,
               "kept_original": kept_original, "kept_synthetic": kept_synthetic,
               "dropped_original": originals - kept_original, "images_with_synthetic_kept": images_with_synthetic,
-              "config": cfg.__dict__, "examples": examples}
+              "config": asdict(cfg), "examples": examples}
     write_json(out / "report.json", report)
     return report
 

@@ -233,12 +233,15 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 def cmd_capfilt(args: argparse.Namespace) -> int:
     from blip2.capfilt import CapFiltConfig, run_capfilt
+    from blip2.config import DecodeConfig
     from blip2.model import Blip2
     from blip2.train.distributed import World
 
     world = World.from_env()
-    cfg = CapFiltConfig(num_samples=args.num_samples, top_k=args.top_k, top_p=args.top_p,
-                        temperature=args.temperature, prompt=args.prompt, use_itm=args.itm, seed=args.seed)
+    sampling = DecodeConfig(num_beams=1, do_sample=True, top_p=args.top_p, temperature=args.temperature,
+                            max_new_tokens=30, min_new_tokens=5)
+    cfg = CapFiltConfig(num_samples=args.num_samples, top_k=args.top_k, sampling=sampling, prompt=args.prompt,
+                        use_itm=args.itm, seed=args.seed)
     captioner = Blip2.from_dir(args.model)
     scorer = Blip2.from_dir(args.scorer) if args.scorer else captioner
     report = run_capfilt(captioner, scorer, args.data, args.out, cfg, args.images, args.split, world.rank,

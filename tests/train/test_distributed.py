@@ -17,7 +17,7 @@ from blip2.model import Blip2
 from blip2.train import checkpoint
 from blip2.train.distributed import World
 from blip2.train.loop import train
-from conftest import tiny_llama, tiny_lm_tokenizer
+from conftest import save_tiny_llm
 
 QFORMER = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
            "model.qformer.hidden_size=32", "model.qformer.num_heads=4", "model.qformer.intermediate_size=64",
@@ -37,9 +37,7 @@ OPTIM = ["train.lr=1.0", "train.adam_eps=1.0", "train.weight_decay=0.0"]
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     ann = write_scenes(root / "data", 12, 4, size=64, seed=3)
-    llm_dir = root / "llm"
-    tiny_llama(init_std=0.02).save_pretrained(llm_dir)
-    tiny_lm_tokenizer().save_pretrained(llm_dir)
+    llm_dir = save_tiny_llm(root / "llm", init_std=0.02)
     return ann, root / "cache", llm_dir
 
 

@@ -15,7 +15,7 @@ from blip2.data.scenes import write_scenes
 from blip2.model import Blip2
 from blip2.train import checkpoint
 from blip2.train.loop import train
-from conftest import tiny_llama, tiny_lm_tokenizer
+from conftest import save_tiny_llm
 
 STAGE1 = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
           "model.qformer.hidden_size=32", "model.qformer.num_heads=4", "model.qformer.intermediate_size=64",
@@ -30,9 +30,7 @@ STAGE2 = ["train.steps=5", "train.batch_size=6", "train.ckpt_every=2", "train.lo
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2")
     ann = write_scenes(root / "data", 12, 4, size=64, seed=2)
-    llm_dir = root / "llm"
-    tiny_llama(init_std=0.02).save_pretrained(llm_dir)
-    tiny_lm_tokenizer().save_pretrained(llm_dir)
+    llm_dir = save_tiny_llm(root / "llm", init_std=0.02)
     common = [f"data.train={ann}", f"data.cache_dir={root / 'cache'}"]
     argv = ["train", "stage1", "--recipe", "quickstart-stage1", "--out", str(root / "s1")]
     for s in STAGE1 + common:
