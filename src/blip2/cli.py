@@ -31,7 +31,8 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     if not recipe.data.train:
         raise SystemExit("data.train is empty: set it in the recipe or with --set data.train=PATH")
     summary = train(recipe, args.out)
-    print(json.dumps(summary.get("retrieval", summary), indent=2))
+    if "rank" not in summary:  # under torchrun only the main process reports
+        print(json.dumps(summary.get("retrieval", summary), indent=2))
     return 0
 
 
@@ -44,7 +45,9 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     if not recipe.data.train:
         raise SystemExit("data.train is empty: set it in the recipe or with --set data.train=PATH")
     summary = train(recipe, args.out)
-    print(json.dumps({k: v for k, v in summary.get("generation", summary).items() if "examples" not in k}, indent=2))
+    if "rank" not in summary:  # under torchrun only the main process reports
+        print(json.dumps({k: v for k, v in summary.get("generation", summary).items() if "examples" not in k},
+                         indent=2))
     return 0
 
 
@@ -54,6 +57,8 @@ def cmd_train_pipeline(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(resolve_recipe(args.recipe), args.set, PipelineRecipe)
     summary = train_pipeline(recipe, args.out)
+    if "rank" in summary["stage2"]:  # under torchrun only the main process reports
+        return 0
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk in ("retrieval", "generation", "steps")}
                       if isinstance(v, dict) else v for k, v in summary.items()}, indent=2, default=str))
     return 0

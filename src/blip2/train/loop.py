@@ -191,7 +191,8 @@ def train_pipeline(recipe: PipelineRecipe, out: str | Path, progress: bool = Tru
     t1 = time.perf_counter()
     summary["stage2"] = _finished(out / "stage2") or train(recipe.stage2, out / "stage2", progress=progress)
     summary["seconds_this_invocation"] = {"stage1": round(t1 - t0, 1), "stage2": round(time.perf_counter() - t1, 1)}
-    write_json(out / "summary.json", summary)
+    if "rank" not in summary["stage2"]:  # the main process (the only one under torchrun that evaluates)
+        write_json(out / "summary.json", summary)
     return summary
 
 
@@ -314,12 +315,13 @@ def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progre
                 metrics.close()
             return {"stopped_at": step}
     bar.close()
-    if metrics is None:  # not the main process: the main one saves, summarises and evaluates
+    meta = {"stage": stage, "steps": tc.steps, "recipe": recipe_dict}
+    if world.is_main:
+        model.save(out / "model", meta)
+    world.barrier()  # the model is on disk before any process moves on (e.g. to stage 2 from it)
+    if metrics is None:  # not the main process: the main one summarises and evaluates
         return {"stage": stage, "steps": tc.steps, "rank": world.rank}
     metrics.close()
-
-    meta = {"stage": stage, "steps": tc.steps, "recipe": recipe_dict}
-    model.save(out / "model", meta)
     summary: dict[str, Any] = {"stage": stage, "steps": tc.steps, "data": data_stats, "model_dir": str(out / "model")}
     _plot_curves(out, stage)
     summary.update(evaluate(recipe, model, progress))
