@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from blip2.data.records import ImageRecord, load_records
-from blip2.io import open_binary, read_json, source_stat, write_json
+from blip2.io import open_binary, read_json, source_stat, split_member, write_json
 from blip2.vision import FrozenImageEncoder
-from blip2.vision.transforms import Preprocess, eval_transform, load_rgb
+from blip2.vision.transforms import Preprocess, eval_transform, load_rgb, load_rgb_bytes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,32 @@ class _Decode(Dataset):
 
 def _collate(items: list) -> list:
     return items
+
+
+def _shard_batches(todo: list[str], pre: Preprocess, batch_size: int) -> Iterator[list]:
+    """Items as _Decode yields them, read by streaming the shards that hold `todo` (WebDataset);
+    a member that cannot be decoded is reported like a bad file, one missing from its shard too."""
+    from blip2.data.shards import stream
+
+    where = {p: i for i, p in enumerate(todo)}
+    shards = list(dict.fromkeys(split_member(p)[0] for p in todo))  # type: ignore[index]
+    batch: list = []
+    seen = set()
+    for sample in stream(shards, sequential=True):
+        i = where.get(sample.path)
+        if i is None:
+            continue
+        seen.add(i)
+        try:
+            batch.append((i, eval_transform(load_rgb_bytes(sample.image), pre), ""))
+        except (OSError, ValueError, SyntaxError) as e:
+            batch.append((i, None, f"{type(e).__name__}: {e}"))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    batch += [(i, None, f"FileNotFoundError: {todo[i]} is not in its shard") for i in range(len(todo)) if i not in seen]
+    for s in range(0, len(batch), batch_size):
+        yield batch[s:s + batch_size]
 
 
 @dataclass
@@ -110,9 +137,12 @@ class FeatureCache:
             write_json(self.dir / INDEX, self.index)  # remember the new mtimes of unchanged files
         if not todo:
             return 0
-        loader = DataLoader(_Decode(todo, self.encoder.preprocess), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=_collate)
         bar = tqdm(total=len(todo), desc="caching image features", unit="img", disable=not progress)
+        if all(split_member(p) for p in todo):  # shards: one sequential pass, not a seek per image
+            loader = _shard_batches(todo, self.encoder.preprocess, batch_size)
+        else:
+            loader = DataLoader(_Decode(todo, self.encoder.preprocess), batch_size=batch_size,
+                                num_workers=num_workers, collate_fn=_collate)
         pending: list[tuple[str, torch.Tensor]] = []
         for items in loader:
             good = [(todo[i], x) for i, x, err in items if x is not None]

@@ -148,14 +148,15 @@ class ShardSample:
     meta: dict
 
 
-def stream(spec: str | Path, rank: int = 0, world_size: int = 1, shuffle: int = 0, seed: int = 0
-           ) -> Iterator[ShardSample]:
+def stream(spec: str | Path | list, rank: int = 0, world_size: int = 1, shuffle: int = 0, seed: int = 0,
+           sequential: bool = False) -> Iterator[ShardSample]:
     """Stream every sample once: shards split over ranks (rank r takes shards r, r + world, ...)
-    and over DataLoader workers; `shuffle` > 0 also shuffles shard order and samples in a buffer of
-    that size, reproducibly from `seed`."""
+    and over DataLoader workers (unless `sequential`: all shards in this process, in order);
+    `shuffle` > 0 also shuffles shard order and samples in a buffer of that size, reproducibly
+    from `seed`. `spec` may also be a list of shard paths."""
     import webdataset as wds
 
-    urls = [str(p) for p in shard_paths(spec)]
+    urls = [str(p) for p in spec] if isinstance(spec, list) else [str(p) for p in shard_paths(spec)]
     if world_size > len(urls):
         raise ValueError(f"{len(urls)} shards cannot be split over {world_size} ranks; write more shards "
                          "(smaller --maxcount)")
@@ -163,7 +164,7 @@ def stream(spec: str | Path, rank: int = 0, world_size: int = 1, shuffle: int = 
     def by_rank(src):
         yield from list(src)[rank::world_size]
 
-    ds = wds.WebDataset(urls, nodesplitter=by_rank, workersplitter=wds.split_by_worker,
+    ds = wds.WebDataset(urls, nodesplitter=by_rank, workersplitter=None if sequential else wds.split_by_worker,
                         shardshuffle=len(urls) if shuffle else False, seed=seed, empty_check=False)
     if shuffle:
         ds = ds.shuffle(shuffle, rng=random.Random(seed))

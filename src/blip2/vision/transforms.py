@@ -6,6 +6,7 @@ Train: RandomResizedCrop(scale 0.5-1, ratio 3/4-4/3) + horizontal flip (the pape
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import warnings
@@ -31,7 +32,7 @@ class Preprocess:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to 8-bit RGB.
+    """Decode an image file (or a member of a tar shard) to 8-bit RGB.
 
     Raises OSError/ValueError (what callers skip and count) for a missing, empty, truncated or
     corrupt file, and for decompression bombs: more than PIL's MAX_IMAGE_PIXELS (89M) pixels is
@@ -39,10 +40,19 @@ def load_rgb(path: str) -> Image.Image:
     become RGB as in the reference (alpha dropped); 16-bit and float images are scaled to 8 bits
     rather than clipped (PIL's own conversion saturates them to white).
     """
+    return _decode(path if split_member(path) is None else open_binary(path))
+
+
+def load_rgb_bytes(data: bytes) -> Image.Image:
+    """load_rgb for image bytes already in memory (a streamed shard sample)."""
+    return _decode(io.BytesIO(data))
+
+
+def _decode(source) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path if split_member(path) is None else open_binary(path)) as im:
+            with Image.open(source) as im:
                 im.load()
                 return _to_rgb(im)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
