@@ -207,8 +207,19 @@ def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progre
 
     `stop_after` stops after that many steps, as a kill would (used by the resume tests). `world`
     (default: from torchrun's environment) splits each global batch of train.batch_size over the
-    processes; the main process alone writes checkpoints, logs, the model and evaluates.
+    processes; the main process alone writes checkpoints, logs, the model and evaluates. torch's
+    thread count and determinism flag (train.threads / train.deterministic) are restored on return.
     """
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(recipe, out, stop_after, progress, world)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bool,
+           world: World | None) -> dict[str, Any]:
     stage = 2 if isinstance(recipe, Stage2Recipe) else 1
     out = Path(out)
     world = world or World.from_env()
