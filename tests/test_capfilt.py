@@ -82,3 +82,19 @@ def test_interrupted_and_multi_rank_runs_give_the_same_dataset(setup, tmp_path):
     report = run_capfilt(model, model, str(ann), tmp_path / "two", CFG, split="val", rank=0, world_size=2,
                          progress=False)
     assert report is not None and (tmp_path / "two" / "dataset.json").read_text() == want
+
+
+def test_an_unreadable_image_is_skipped_and_named(setup, tmp_path):
+    model, ann = setup
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    records = load_records(ann, None, "val")[:3]
+    lines = [{"image": r.path, "caption": r.captions[0]} for r in records]
+    lines.insert(1, {"image": str(bad), "caption": "a red square"})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = run_capfilt(model, model, str(data), tmp_path / "out", CFG, progress=False)
+    assert report is not None and report["images"] == 3 and report["skipped_images"] == 1
+    assert list(report["skipped"]) == [str(bad)]
+    kept = json.loads((tmp_path / "out" / "dataset.json").read_text())["images"]
+    assert [e["filename"] for e in kept] == [r.path for r in records]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ from blip2.model import Blip2
 from blip2.retrieval import itc_similarity
 from blip2.tasks import image_features
 from blip2.text import clean_caption
-from blip2.vision.transforms import load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,10 @@ def filter_image(captioner: Blip2, scorer: Blip2, feats: torch.Tensor, scorer_fe
 
 def run_capfilt(captioner: Blip2, scorer: Blip2, annotations: str, out: str | Path, cfg: CapFiltConfig,
                 images: str | None = None, split: str | None = None, rank: int = 0, world_size: int = 1,
-                progress: bool = True) -> dict[str, Any] | None:
+                progress: bool = True, wait_for_ranks: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """Filter this rank's share of the images (resuming its part file); returns the report once all
-    parts are complete (None on a rank whose merge is left to the main process)."""
+    parts are complete (None on a rank whose merge is left to the main process). Under torchrun
+    `wait_for_ranks` (a barrier) holds the main process until every rank has finished its part."""
     out = Path(out)
     records = load_records(annotations, images, split)
     parts = out / "parts"
@@ -105,21 +106,20 @@ def run_capfilt(captioner: Blip2, scorer: Blip2, annotations: str, out: str | Pa
     mine = [i for i in range(rank, len(records), world_size) if i not in done]
     write_json(out / "capfilt_config.json", {"config": asdict(cfg), "annotations": str(annotations),
                                              "split": split, "images": len(records)})
-    skipped: dict[str, str] = {}
     with open(part, "a") as f:
         for i in tqdm(mine, desc=f"capfilt (rank {rank})", unit="img", disable=not progress):
+            path = records[i].path
             try:
-                load_rgb(records[i].path)
-            except (OSError, ValueError, SyntaxError) as e:
-                skipped[records[i].path] = f"{type(e).__name__}: {e}"
-                f.write(json.dumps({"index": i, "path": records[i].path, "skipped": skipped[records[i].path]}) + "\n")
-                f.flush()
-                continue
-            feats = image_features(captioner, [records[i].path])
-            scorer_feats = feats if scorer is captioner else image_features(scorer, [records[i].path])
-            result = filter_image(captioner, scorer, feats, scorer_feats, records[i], i, cfg)
+                feats = image_features(captioner, [path])
+            except (OSError, ValueError, SyntaxError) as e:  # unreadable image: skipped and named
+                result = {"index": i, "path": path, "skipped": f"{type(e).__name__}: {e}"}
+            else:
+                scorer_feats = feats if scorer is captioner else image_features(scorer, [path])
+                result = filter_image(captioner, scorer, feats, scorer_feats, records[i], i, cfg)
             f.write(json.dumps(result) + "\n")
             f.flush()  # a killed run keeps every finished image
+    if wait_for_ranks is not None:
+        wait_for_ranks()
     if rank != 0:
         return None
     results = _read_parts(parts)

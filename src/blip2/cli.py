@@ -250,7 +250,7 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
     captioner = Blip2.from_dir(args.model)
     scorer = Blip2.from_dir(args.scorer) if args.scorer else captioner
     report = run_capfilt(captioner, scorer, args.data, args.out, cfg, args.images, args.split, world.rank,
-                         world.world_size)
+                         world.world_size, wait_for_ranks=world.barrier)
     if report is not None:
         print(json.dumps({k: v for k, v in report.items() if k not in ("examples", "skipped", "config")}, indent=2))
     return 0
