@@ -61,13 +61,13 @@ def open_binary(path: str | Path) -> BinaryIO:
 def source_stat(path: str | Path) -> tuple[int, int] | None:
     """(size, mtime_ns) of a file, or of a tar member (the member's size, the shard's mtime); None
     when it cannot be read. Caches use it to notice changed inputs."""
+    member = split_member(path)
     try:
-        if split_member(path) is None:
+        if member is None:
             st = os.stat(path)
             return st.st_size, st.st_mtime_ns
-        tar, _ = split_member(path)  # type: ignore[misc]
         _, info = _member(str(path))
-        return info.size, os.stat(tar).st_mtime_ns
+        return info.size, os.stat(member[0]).st_mtime_ns
     except OSError:
         return None
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
@@ -37,10 +39,6 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("BLIP2_CACHE", Path.home() / ".cache" / "blip2" / "features"))
 
 
-def _stat(path: str) -> tuple[int, int] | None:
-    return source_stat(path)
-
-
 def _digest(path: str) -> str | None:
     """Content hash: a copied dataset (new mtimes, same bytes) keeps its cached features."""
     try:
@@ -58,10 +56,15 @@ class _Decode(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            return i, eval_transform(load_rgb(self.paths[i]), self.pre), ""
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for bad/missing files
-            return i, None, f"{type(e).__name__}: {e}"
+        return _decoded(i, partial(load_rgb, self.paths[i]), self.pre)
+
+
+def _decoded(i: int, load: Callable[[], Image.Image], pre: Preprocess) -> tuple[int, torch.Tensor | None, str]:
+    """(i, preprocessed pixels, "") or (i, None, the error) for an image that cannot be decoded."""
+    try:
+        return i, eval_transform(load(), pre), ""
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for bad/missing files
+        return i, None, f"{type(e).__name__}: {e}"
 
 
 def _collate(items: list) -> list:
@@ -82,10 +85,7 @@ def _shard_batches(todo: list[str], pre: Preprocess, batch_size: int) -> Iterato
         if i is None:
             continue
         seen.add(i)
-        try:
-            batch.append((i, eval_transform(load_rgb_bytes(sample.image), pre), ""))
-        except (OSError, ValueError, SyntaxError) as e:
-            batch.append((i, None, f"{type(e).__name__}: {e}"))
+        batch.append(_decoded(i, partial(load_rgb_bytes, sample.image), pre))
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -118,7 +118,7 @@ class FeatureCache:
         item = self.index["items"].get(path)
         if item is None:
             return False
-        stat = _stat(path)
+        stat = source_stat(path)
         if tuple(item["stat"] or ()) == tuple(stat or ()):
             return True
         if stat is None or not item.get("digest") or not item["stat"] or item["stat"][0] != stat[0]:
@@ -148,7 +148,7 @@ class FeatureCache:
             good = [(todo[i], x) for i, x, err in items if x is not None]
             for i, _, err in items:
                 if err:
-                    self.index["items"][todo[i]] = {"error": err, "stat": _stat(todo[i])}
+                    self.index["items"][todo[i]] = {"error": err, "stat": source_stat(todo[i])}
             if good:
                 feats = self.encoder(torch.stack([x for _, x in good])).to(self.dtype)  # (b, T, C)
                 pending.extend(zip([p for p, _ in good], feats, strict=True))
@@ -170,7 +170,7 @@ class FeatureCache:
         save_file({"features": torch.stack([f for _, f in rows]).contiguous()}, str(tmp))
         os.replace(tmp, self.dir / name)
         for r, (path, _) in enumerate(rows):
-            self.index["items"][path] = {"shard": shard, "row": r, "stat": _stat(path), "digest": _digest(path)}
+            self.index["items"][path] = {"shard": shard, "row": r, "stat": source_stat(path), "digest": _digest(path)}
         self.index["shards"] = shard + 1
         write_json(self.dir / INDEX, self.index)
 

@@ -298,14 +298,16 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / tc.grad_accum
         world.average_gradients_(trainable)
-        totals = world.mean(totals)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_n += tc.batch_size * tc.grad_accum
         bar.update(1)
-        if world.is_main and (step % tc.log_every == 0 or step == tc.steps):
+        log_now = step % tc.log_every == 0 or step == tc.steps
+        if log_now:  # every rank joins the average; only logged steps pay for it
+            totals = world.mean(totals)
+        if world.is_main and log_now:
             assert metrics is not None
             elapsed = time.perf_counter() - window_t
             row = {"step": step, **{k: round(v, 5) for k, v in totals.items()}, "lr": lr,
