@@ -64,10 +64,10 @@ def score_captions(scorer: Blip2, feats: torch.Tensor, captions: list[str], use_
     ITM match probability."""
     if use_itm:
         ids, mask = scorer.tokenize(captions)
-        image = scorer.ln_vision(feats.float()).expand(len(captions), -1, -1)
-        return scorer.itm_logits(image, ids, mask).softmax(-1)[:, 1]
+        image = scorer.vision_input(feats.float()).expand(len(captions), -1, -1)
+        return scorer.itm_logits(image, ids, mask).softmax(-1)[:, 1].cpu()
     _, image_itc = scorer.encode_image(feats.float())  # (1, Q, E)
-    return itc_similarity(image_itc, scorer.encode_text(captions))[0]
+    return itc_similarity(image_itc, scorer.encode_text(captions))[0].cpu()
 
 
 @torch.no_grad()

@@ -64,13 +64,18 @@ def cmd_train_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_generator(path: str):
-    from blip2.model import Blip2
+def _load(path: str, device: str = "cpu"):
+    """A model directory (ours or transformers BLIP-2) on `device`, in eval mode."""
+    from blip2.model import Blip2, resolve_device
 
-    model = Blip2.from_dir(path)
+    return Blip2.from_dir(path).to(resolve_device(device)).eval()
+
+
+def _load_generator(path: str, device: str = "cpu"):
+    model = _load(path, device)
     if model.llm is None:
         raise SystemExit(f"{path} is a stage-1 model (retrieval/matching only): captioning needs a stage-2 model")
-    return model.eval()
+    return model
 
 
 def _decode_cfg(args: argparse.Namespace, base):
@@ -87,7 +92,7 @@ def _decode_cfg(args: argparse.Namespace, base):
 def cmd_caption(args: argparse.Namespace) -> int:
     from blip2.tasks import CAPTION_DECODE, image_features
 
-    model = _load_generator(args.model)
+    model = _load_generator(args.model, args.device)
     decode = _decode_cfg(args, CAPTION_DECODE)
     for path in args.images:
         text = model.generate(image_features(model, [path]), [args.prompt], decode)[0]
@@ -98,7 +103,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from blip2.tasks import VQA_DECODE, image_features, rank_options, vqa_prompt
 
-    model = _load_generator(args.model)
+    model = _load_generator(args.model, args.device)
     feats = image_features(model, [args.image])
     prompt = vqa_prompt(model.llm, args.question)
     if args.options:
@@ -114,7 +119,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from blip2.tasks import VQA_DECODE, chat_prompt, image_features
 
-    model = _load_generator(args.model)
+    model = _load_generator(args.model, args.device)
     feats = image_features(model, [args.image])
     decode = _decode_cfg(args, VQA_DECODE)
     history: list[tuple[str, str]] = []
@@ -134,11 +139,11 @@ def cmd_eval_caption(args: argparse.Namespace) -> int:
     from blip2.eval.caption import evaluate_generation
     from blip2.tasks import CAPTION_DECODE
 
-    model = _load_generator(args.model)
+    model = _load_generator(args.model, args.device)
     cfg = CaptionEvalConfig(max_images=args.max_images, batch_size=args.batch_size,
                             decode=_decode_cfg(args, CAPTION_DECODE))
     result = evaluate_generation(model, args.data, args.images, args.split, cfg, args.cache_dir, args.workers,
-                                 progress=not args.json, prompt=args.prompt)
+                                 progress=not args.json, prompt=args.prompt, predictions=args.predictions)
     _print_result(result, args.json)
     return 0
 
@@ -147,7 +152,7 @@ def cmd_eval_vqa(args: argparse.Namespace) -> int:
     from blip2.eval.vqa import evaluate_vqa, load_questions
     from blip2.tasks import VQA_DECODE
 
-    model = _load_generator(args.model)
+    model = _load_generator(args.model, args.device)
     questions = load_questions(args.data, args.images, args.split)[: args.max_questions]
     options = [o.strip() for o in args.options.split(",")] if args.options else None
     result = evaluate_vqa(model, questions, _decode_cfg(args, VQA_DECODE), args.batch_size, options,
@@ -191,7 +196,12 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
 
 
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (cuda when available)")
+
+
 def _data_args(p: argparse.ArgumentParser, data_help: str) -> None:
+    _device_arg(p)
     p.add_argument("--model", required=True, help="model directory (model.safetensors + config.json)")
     p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--images", default=None, help="image root (default: images/ beside --data)")
@@ -205,9 +215,8 @@ def _data_args(p: argparse.ArgumentParser, data_help: str) -> None:
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from blip2.config import EvalConfig
     from blip2.eval.retrieval import evaluate_split
-    from blip2.model import Blip2
 
-    model = Blip2.from_dir(args.model)
+    model = _load(args.model, args.device)
     cfg = EvalConfig(k_test=args.k, batch_size=args.batch_size, max_images=args.max_images)
     result = evaluate_split(model, args.data, args.images, args.split, cfg, args.cache_dir,
                             args.workers, progress=not args.json)
@@ -239,7 +248,6 @@ def cmd_shards(args: argparse.Namespace) -> int:
 def cmd_capfilt(args: argparse.Namespace) -> int:
     from blip2.capfilt import CapFiltConfig, run_capfilt
     from blip2.config import DecodeConfig
-    from blip2.model import Blip2
     from blip2.train.distributed import World
 
     world = World.from_env()
@@ -247,8 +255,8 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
                             max_new_tokens=30, min_new_tokens=5)
     cfg = CapFiltConfig(num_samples=args.num_samples, top_k=args.top_k, sampling=sampling, prompt=args.prompt,
                         use_itm=args.itm, seed=args.seed)
-    captioner = Blip2.from_dir(args.model)
-    scorer = Blip2.from_dir(args.scorer) if args.scorer else captioner
+    captioner = _load(args.model, args.device)
+    scorer = _load(args.scorer, args.device) if args.scorer else captioner
     report = run_capfilt(captioner, scorer, args.data, args.out, cfg, args.images, args.split, world.rank,
                          world.world_size, wait_for_ranks=world.barrier)
     if report is not None:
@@ -268,11 +276,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
-    from blip2.model import Blip2
     from blip2.retrieval import embed_gallery, itc_similarity, rerank
     from blip2.tasks import image_features
 
-    model = Blip2.from_dir(args.model)
+    model = _load(args.model, args.device)
     if not model.cfg.qformer.text_branch:
         raise SystemExit(f"{args.model} has no Q-Former text branch (a captioning-only checkpoint): retrieval "
                          "needs a stage-1 / Blip2ForImageTextRetrieval model")
@@ -357,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("caption", help="caption images with a stage-2 model")
     c.add_argument("--model", required=True)
+    _device_arg(c)
     c.add_argument("images", nargs="+")
     c.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"')
     _decode_args(c)
@@ -364,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("ask", help="answer a question about an image (zero-shot VQA)")
     a.add_argument("--model", required=True)
+    _device_arg(a)
     a.add_argument("image")
     a.add_argument("question")
     a.add_argument("--options", default=None, help="comma-separated closed set (e.g. yes,no): rank by likelihood")
@@ -372,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="multi-turn chat about an image (reads questions from stdin)")
     ch.add_argument("--model", required=True)
+    _device_arg(ch)
     ch.add_argument("image")
     _decode_args(ch)
     ch.set_defaults(func=cmd_chat)
@@ -379,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="task", required=True)
     r = ev.add_parser("retrieval", help="image-text retrieval recall@1/5/10 (TR and IR)")
     r.add_argument("--model", required=True, help="model directory (model.safetensors + config.json)")
+    _device_arg(r)
     r.add_argument("--data", required=True, help="Karpathy JSON or JSONL annotations")
     r.add_argument("--images", default=None, help="image root (default: images/ beside --data)")
     r.add_argument("--split", default="val")
@@ -394,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(ec, "Karpathy JSON or JSONL captions")
     ec.add_argument("--prompt", default="")
     ec.add_argument("--max-images", type=int, default=None)
+    ec.add_argument("--predictions", default=None, metavar="JSONL",
+                    help="write every generated caption with its references to this file")
     _decode_args(ec)
     ec.set_defaults(func=cmd_eval_caption)
 
@@ -423,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cf = sub.add_parser("capfilt", help="bootstrap captions: sample synthetic ones, keep the top-k by ITC/ITM score")
     cf.add_argument("--model", required=True, help="captioner (a stage-2 model)")
+    _device_arg(cf)
     cf.add_argument("--scorer", default=None, help="filter model with ITC/ITM heads (default: --model)")
     cf.add_argument("--data", required=True, help="Karpathy JSON, JSONL or shard directory")
     cf.add_argument("--images", default=None)
@@ -439,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rt = sub.add_parser("retrieve", help="rank captions for images and images for captions (ITC, then ITM)")
     rt.add_argument("--model", required=True)
+    _device_arg(rt)
     rt.add_argument("--images", nargs="+", required=True)
     rt.add_argument("--texts", nargs="+", required=True)
     rt.add_argument("--k", type=int, default=16, help="ITM re-ranks the top k ITC candidates (0 = ITC only)")

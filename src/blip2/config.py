@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -247,9 +248,14 @@ class TrainConfig:
     # (without it, CPU reductions such as the ln_vision bias gradient vary in the last bits);
     # ~1.1x step time on the 2-core CPU (bench/stage1_throughput.py).
     deterministic: bool = True
+    # Where the model trains: "cpu", "cuda" (under torchrun: cuda:LOCAL_RANK), "cuda:N", or "auto"
+    # (cuda when available). The frozen LLM/encoder move too; the feature cache stays in CPU memory.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"train.device {self.device!r} is not a device: use cpu, cuda, cuda:N, mps or auto")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")

@@ -176,8 +176,8 @@ class ITMLoss(nn.Module):
         image_all = gather_with_grad(image_embeds, self.world_size)  # (N, N_img, C)
         ids_all, mask_all = gather_padded(ids, mask, model.pad_id, self.world_size)  # (N, T')
         # Uniforms for the whole global batch, identical on every rank; take this rank's rows.
-        u = 1.0 - torch.rand(2, b * self.world_size, generator=generator)
-        u = u[:, self.rank * b:(self.rank + 1) * b]
+        u = 1.0 - torch.rand(2, b * self.world_size, generator=generator)  # a CPU generator on any device
+        u = u[:, self.rank * b:(self.rank + 1) * b].to(ids.device)
         with torch.no_grad():
             neg_image = sample_hard_negatives(itc.sim_t2i, itc.positives, u[0])  # texts first
             neg_text = sample_hard_negatives(itc.sim_i2t, itc.positives, u[1])  # then images
@@ -233,7 +233,7 @@ class Stage1Loss(nn.Module):
     def forward(self, model: Blip2, image_feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                 image_ids: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         # image_feats: (B, N_img, C) frozen encoder output; ids/mask: (B, T); image_ids: (B,)
-        image_embeds = model.ln_vision(image_feats)
+        image_embeds = model.vision_input(image_feats)
         query = model.qformer(image=image_embeds, use_queries=True)  # queries only, unimodal
         terms: dict[str, torch.Tensor] = {}
         itc = None

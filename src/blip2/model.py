@@ -33,6 +33,31 @@ TEXT_ONLY = ("qformer.embeddings.word_embeddings.", "qformer.embeddings.position
              "vision_proj.", "text_proj.", "itm_head.", "temp")
 
 
+def resolve_device(name: str) -> torch.device:
+    """A device name ("cpu", "cuda", "cuda:N", "mps", "auto") -> torch.device, checked to exist.
+
+    "auto" picks CUDA when torch sees a GPU; a bare "cuda" under torchrun means this process's GPU
+    (LOCAL_RANK), which is also made the current one so that NCCL and new tensors land on it.
+    """
+    import os
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but torch sees no GPU (torch.cuda.is_available() is "
+                             "False): install a CUDA build of torch, or use --device cpu / train.device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+        torch.cuda.set_device(device)
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but torch.backends.mps.is_available() is False")
+    return device
+
+
 def is_text_only(name: str) -> bool:
     """Whether a parameter belongs to the text branch (incl. the text FFN of every block)."""
     if name.startswith(TEXT_ONLY):
@@ -77,11 +102,20 @@ class Blip2(nn.Module):
 
     # ------------------------------------------------------------------ building blocks
 
+    @property
+    def device(self) -> torch.device:
+        """Where the trainable parts live; every entry point moves its inputs here."""
+        return self.qformer.query_tokens.device
+
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder: (B, 3, S, S) -> (B, N, C)."""
+        """Frozen encoder: (B, 3, S, S) -> (B, N, C) on the encoder's device."""
         if self.vision is None:
             raise RuntimeError("this Blip2 was built without a vision encoder (cached-feature mode)")
         return self.vision(pixels)
+
+    def vision_input(self, image_feats: torch.Tensor) -> torch.Tensor:
+        """Frozen features (B, N, C) from any device (e.g. a CPU feature cache) -> ln_vision on ours."""
+        return self.ln_vision(image_feats.to(self.device))
 
     def image_itc_feats(self, query_hidden: torch.Tensor) -> torch.Tensor:
         """(B, Q, D) query outputs -> (B, Q, E) L2-normalised ITC embeddings."""
@@ -119,7 +153,7 @@ class Blip2(nn.Module):
 
     def encode_image(self, image_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen features (B, N, C) -> (query outputs (B, Q, D), ITC embeddings (B, Q, E))."""
-        query = self.qformer(image=self.ln_vision(image_feats), use_queries=True).hidden
+        query = self.qformer(image=self.vision_input(image_feats), use_queries=True).hidden
         return query, self.image_itc_feats(query)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
@@ -130,13 +164,13 @@ class Blip2(nn.Module):
     def encode_multimodal(self, image_feats: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Image + text -> (B, Q, D) query outputs of the bidirectional (ITM) pass."""
         ids, mask = self.tokenize(texts)
-        hidden = self.qformer(ids, mask, image=self.ln_vision(image_feats), use_queries=True).hidden
+        hidden = self.qformer(ids, mask, image=self.vision_input(image_feats), use_queries=True).hidden
         return hidden[:, : self.cfg.qformer.num_queries]
 
     def itm(self, image_feats: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Probability (B,) that caption i matches image i, from the ITM head."""
         ids, mask = self.tokenize(texts)
-        return self.itm_logits(self.ln_vision(image_feats), ids, mask).softmax(-1)[:, 1]
+        return self.itm_logits(self.vision_input(image_feats), ids, mask).softmax(-1)[:, 1]
 
     @torch.no_grad()
     def query_diversity(self, image_feats: torch.Tensor) -> float:
@@ -146,7 +180,7 @@ class Blip2(nn.Module):
         """
         was_training = self.training
         self.eval()
-        q = F.normalize(self.qformer(image=self.ln_vision(image_feats), use_queries=True).hidden, dim=-1)
+        q = F.normalize(self.qformer(image=self.vision_input(image_feats), use_queries=True).hidden, dim=-1)
         self.train(was_training)
         n = q.shape[1]
         if n < 2:
@@ -160,7 +194,7 @@ class Blip2(nn.Module):
         """Frozen features (B, N, C) -> (B, Q, H_llm) query outputs projected into the LLM's input space."""
         if self.llm_proj is None:
             raise RuntimeError("this is a stage-1 model (no LLM): train stage 2 first")
-        query = self.qformer(image=self.ln_vision(image_feats), use_queries=True).hidden  # (B, Q, D)
+        query = self.qformer(image=self.vision_input(image_feats), use_queries=True).hidden  # (B, Q, D)
         return self.llm_proj(query)
 
     def freeze_text_branch(self) -> list[str]:
@@ -193,8 +227,7 @@ class Blip2(nn.Module):
             raise RuntimeError("this Blip2 has no Q-Former tokenizer (built without one, or a model without "
                                "a text branch); build it with Blip2.build")
         ids, mask = tokenize(self.tokenizer, [clean_caption(t) for t in texts], self.cfg.qformer.max_text_len)
-        device = self.qformer.query_tokens.device
-        return ids.to(device), mask.to(device)
+        return ids.to(self.device), mask.to(self.device)
 
     # ------------------------------------------------------------------ construction and I/O
 

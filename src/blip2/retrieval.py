@@ -28,12 +28,12 @@ def embed_gallery(model: Blip2, image_feats: torch.Tensor, captions: list[str],
                   batch_size: int = 64) -> Gallery:
     """image_feats: (N_img, N, C) frozen features; captions: N_txt strings."""
     model.eval()
-    image_itc = torch.cat([model.encode_image(image_feats[i:i + batch_size].float())[1]
+    image_itc = torch.cat([model.encode_image(image_feats[i:i + batch_size].float())[1].cpu()
                            for i in range(0, len(image_feats), batch_size)])
     ids, mask = model.tokenize(captions)  # padded to the gallery's longest caption
-    text_itc = torch.cat([model.text_itc_feats(ids[i:i + batch_size], mask[i:i + batch_size])
+    text_itc = torch.cat([model.text_itc_feats(ids[i:i + batch_size], mask[i:i + batch_size]).cpu()
                           for i in range(0, len(ids), batch_size)])
-    return Gallery(image_itc, text_itc, ids, mask)
+    return Gallery(image_itc, text_itc, ids.cpu(), mask.cpu())  # on the CPU whatever the model's device
 
 
 def itc_similarity(image_itc: torch.Tensor, text_itc: torch.Tensor) -> torch.Tensor:
@@ -58,10 +58,11 @@ def rerank(model: Blip2, sim: torch.Tensor, image_feats: torch.Tensor, gallery: 
     itm = torch.empty(len(pairs))
     for s in tqdm(range(0, len(pairs), batch_size), desc="ITM re-rank", unit="batch", disable=not progress):
         p = pairs[s:s + batch_size]
-        img = model.ln_vision(image_feats[p[:, 0]].float())
+        img = model.vision_input(image_feats[p[:, 0]].float())
         ids, mask = gallery.text_ids[p[:, 1]], gallery.text_mask[p[:, 1]]
         width = int(mask.sum(1).max())
-        itm[s:s + batch_size] = model.itm_logits(img, ids[:, :width], mask[:, :width])[:, 1]
+        ids, mask = ids[:, :width].to(model.device), mask[:, :width].to(model.device)
+        itm[s:s + batch_size] = model.itm_logits(img, ids, mask)[:, 1].cpu()
     full = torch.full((n_img, n_txt), float("-inf"))
     full[pairs[:, 0], pairs[:, 1]] = itm + sim[pairs[:, 0], pairs[:, 1]]
     score_i2t = torch.full_like(full, float("-inf"))

@@ -90,9 +90,15 @@ def test_stage2_kill_resume_bit_identical_then_inference(setup, tmp_path, capsys
 
     assert main(["eval", "caption", "--model", model_dir, "--data", str(ann), "--split", "val", "--max-images", "3",
                  "--num-beams", "2", "--max-new-tokens", "4", "--min-new-tokens", "1", "--workers", "0",
-                 "--cache-dir", str(root / "cache"), "--json"]) == 0
+                 "--cache-dir", str(root / "cache"), "--json", "--predictions", str(tmp_path / "pred.jsonl")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"} <= set(result)
+    # every generated caption is written with all its references, in split order
+    preds = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    val = [im for im in json.loads(ann.read_text())["images"] if im["split"] == "val"][:3]
+    assert [p["references"] for p in preds] == [[s["raw"] for s in im["sentences"]] for im in val]
+    assert [p["caption"] for p in preds[:len(result["examples"])]] == [e["caption"] for e in result["examples"]]
+    assert result["mean_caption_words"] == sum(len(p["caption"].split()) for p in preds) / 3
     assert main(["eval", "vqa", "--model", model_dir, "--data", str(ann), "--split", "val", "--options", "yes,no",
                  "--workers", "0", "--cache-dir", str(root / "cache"), "--max-questions", "6", "--json"]) == 0
     vqa = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

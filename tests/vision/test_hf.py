@@ -76,3 +76,36 @@ def test_blip2_vision_model_and_low_precision(tmp_path):
     out = low(x)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expect, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2", "siglip"])
+def test_towers_saved_in_transformers_disk_layout(tmp_path, kind):
+    """ViT and DINOv2 files use transformers' on-disk key names (`encoder.layer.N.attention.attention.query`)
+    that differ from its in-memory modules; they must still load strictly and match transformers."""
+    import transformers as tf
+
+    cls, cfg_cls = {"vit": (tf.ViTModel, tf.ViTConfig), "dinov2": (tf.Dinov2Model, tf.Dinov2Config),
+                    "siglip": (tf.SiglipVisionModel, tf.SiglipVisionConfig)}[kind]
+    torch.manual_seed(0)
+    ref = cls(cfg_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      image_size=32, patch_size=8)).eval()
+    ref.save_pretrained(tmp_path)
+    enc = build_vision_encoder(VisionConfig(name="hf", path=str(tmp_path), drop_last_layers=1, image_size=32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expect = ref(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(enc(x), expect, atol=1e-5, rtol=1e-5)
+    assert enc.model.config.num_hidden_layers == 2
+
+
+def test_renamed_tower_with_a_missing_weight_is_refused(tmp_path):
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    tf.ViTModel(tf.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state.pop(next(k for k in state if "layer.0.attention.attention.query.weight" in k))
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(KeyError, match="lack 1 keys"):
+        build_vision_encoder(VisionConfig(name="hf", path=str(tmp_path), drop_last_layers=0, image_size=32))

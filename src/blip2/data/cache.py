@@ -150,7 +150,7 @@ class FeatureCache:
                 if err:
                     self.index["items"][todo[i]] = {"error": err, "stat": source_stat(todo[i])}
             if good:
-                feats = self.encoder(torch.stack([x for _, x in good])).to(self.dtype)  # (b, T, C)
+                feats = self.encoder(torch.stack([x for _, x in good])).to("cpu", self.dtype)  # (b, T, C)
                 pending.extend(zip([p for p, _ in good], feats, strict=True))
             while len(pending) >= shard_size:
                 self._write_shard(pending[:shard_size])

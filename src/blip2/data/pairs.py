@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +25,14 @@ class Batch:
     pixels: torch.Tensor | None = None  # (B, 3, S, S) (online mode)
     prompts: list[str] | None = None  # stage 2: the LLM prompt of each text ("" = none)
     texts: list[str] | None = None  # the caption / answer of each pair
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with its tensors on `device` (the model's; the cache stays on the CPU)."""
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device)
+
+        return replace(self, ids=move(self.ids), mask=move(self.mask), image_ids=self.image_ids.to(device),
+                       image_feats=move(self.image_feats), pixels=move(self.pixels))
 
 
 class EpochSampler:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -13,6 +14,7 @@ from tqdm import tqdm
 from blip2.config import CaptionEvalConfig, DecodeConfig
 from blip2.data.cache import split_features
 from blip2.eval.vqa import vqa_accuracy
+from blip2.io import atomic_write_text
 from blip2.model import Blip2
 from blip2.tasks import VQA_DECODE
 
@@ -65,8 +67,12 @@ def generate_for(model: Blip2, feats: torch.Tensor, prompts: list[str], decode: 
 
 def evaluate_generation(model: Blip2, annotations: str, images: str | None, split: str, cfg: CaptionEvalConfig,
                         cache_dir: str | None = None, num_workers: int = 2, progress: bool = True,
-                        prompt: str = "", qa_template: str = "") -> dict[str, Any]:
-    """Caption metrics on `split` and, where images carry question/answer pairs, VQA accuracy."""
+                        prompt: str = "", qa_template: str = "", predictions: str | None = None) -> dict[str, Any]:
+    """Caption metrics on `split` and, where images carry question/answer pairs, VQA accuracy.
+
+    `predictions` names a JSONL file that receives every generated caption with its references, so
+    that errors can be read beyond the few examples kept in the result.
+    """
     from blip2.tasks import vqa_prompt
 
     t0 = time.perf_counter()
@@ -78,6 +84,14 @@ def evaluate_generation(model: Blip2, annotations: str, images: str | None, spli
     refs = {i: r.captions for i, r in enumerate(recs) if r.captions}
     if refs:
         result.update(caption_metrics(refs, {i: captions[i] for i in refs}))
+        # BLEU's brevity penalty and CIDEr both punish length mismatch; these say which way it goes.
+        result["mean_caption_words"] = sum(len(captions[i].split()) for i in refs) / len(refs)
+        result["mean_reference_words"] = (sum(len(c.split()) for v in refs.values() for c in v)
+                                          / sum(len(v) for v in refs.values()))
+    if predictions:
+        atomic_write_text(predictions, "".join(
+            json.dumps({"image": r.path, "caption": c, "references": r.captions}) + "\n"
+            for r, c in zip(recs, captions, strict=True)))
     result["examples"] = [{"image": r.path, "caption": c, "references": r.captions[:2]}
                           for r, c in list(zip(recs, captions, strict=True))[:5]]
     qa = [(i, q, a) for i, r in enumerate(recs) for q, a in r.qa]

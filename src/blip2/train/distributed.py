@@ -25,6 +25,8 @@ class World:
 
     rank: int = 0
     world_size: int = 1
+    # Where this process's parameters (and so its collectives' tensors) live.
+    device: str = "cpu"
 
     @property
     def is_main(self) -> bool:
@@ -37,12 +39,12 @@ class World:
         `device` is where the trained parameters live, which decides the backend."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
-            return cls()
+            return cls(device=str(device))
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if torch.device(device).type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), str(device))
 
     def shard(self, global_indices: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous slice of the global batch (B,) -> (B / world_size,).
@@ -95,7 +97,7 @@ class World:
         import torch.distributed as dist
 
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 

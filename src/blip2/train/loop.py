@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from blip2.data.pairs import EpochSampler, Pairs
 from blip2.data.records import ImageRecord, has_splits, load_records
 from blip2.io import read_json, write_json
 from blip2.losses import Stage1Loss, Stage2Loss
-from blip2.model import CONFIG, WEIGHTS, Blip2
+from blip2.model import CONFIG, WEIGHTS, Blip2, resolve_device
 from blip2.qformer import load_bert_init
 from blip2.train import checkpoint
 from blip2.train.distributed import World
@@ -222,8 +223,11 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
            world: World | None) -> dict[str, Any]:
     stage = 2 if isinstance(recipe, Stage2Recipe) else 1
     out = Path(out)
-    world = world or World.from_env()
     tc = recipe.train
+    device = resolve_device(tc.device)
+    if device.type == "cuda" and tc.deterministic:  # cuBLAS needs this to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    world = world or World.from_env(device)
     if tc.batch_size % world.world_size:
         raise ValueError(f"train.batch_size {tc.batch_size} is the global batch and must split evenly over "
                          f"{world.world_size} processes; use a multiple of {world.world_size}")
@@ -252,6 +256,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         init_model(recipe, model, out if world.is_main else None)
     if stage == 2:
         model.freeze_text_branch()
+    model.to(device)  # before the optimizer exists, so that its state is created on the device too
     pairs, data_stats, skipped = build_training_data(recipe, model, world)
     if world.is_main:
         report_skipped(skipped, out)
@@ -289,7 +294,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         torch.manual_seed((tc.seed * 1_000_003 + step) * 1009 + world.rank + 1)
         totals: dict[str, float] = {}
         for micro in range(tc.grad_accum):
-            batch = pairs.batch(world.shard(sampler.next()), step)
+            batch = pairs.batch(world.shard(sampler.next()), step).to(device)
             feats = batch.image_feats if batch.image_feats is not None else model.image_features(batch.pixels)
             # the same on every rank: ITM's negative sampling draws for the global batch
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * tc.grad_accum + micro)

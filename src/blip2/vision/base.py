@@ -57,7 +57,9 @@ class FrozenImageEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self._features(pixels.to(self.dtype))
+        """(B, 3, S, S) pixels on any device -> (B, T, C) float32 features on the encoder's device."""
+        device = next(self.parameters()).device
+        feats = self._features(pixels.to(device, self.dtype))
         return feats.float()
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:

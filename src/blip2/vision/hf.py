@@ -82,6 +82,8 @@ class HFVisionEncoder(FrozenImageEncoder):
         exclude = tuple(p for p in PREFIXES if p and p != best and p.startswith(best))
         mapped = read_safetensors(weights[0].parent, prefix=best, exclude=exclude)
         missing = [k for k in target if k not in mapped]
+        if missing and best == "" and self._load_renamed(weights[0].parent, total_layers):
+            return
         if missing:
             raise KeyError(f"vision weights in {weights[0].parent} lack {len(missing)} keys of the tower, "
                            f"e.g. {missing[:5]}")
@@ -93,6 +95,27 @@ class HFVisionEncoder(FrozenImageEncoder):
         unused = len(mapped) - len(target)
         log.info("loaded vision tower (%d tensors; %d unused incl. %d dropped layer(s))",
                  len(target), unused, total_layers - self.model.config.num_hidden_layers)
+
+    def _load_renamed(self, path: Path, total_layers: int) -> bool:
+        """A tower directory saved in transformers' on-disk key layout, which its in-memory modules no
+        longer use (transformers 5 renames e.g. ViT's `encoder.layer.N.attention.attention.query` to
+        `layers.N.attention.q_proj` while loading): let transformers apply its own renaming, then
+        check strictly that every tower weight came from the file. False if it cannot."""
+        try:
+            model, info = type(self.model).from_pretrained(str(path), config=self.model.config, local_files_only=True,
+                                                           output_loading_info=True)
+        except (OSError, ValueError) as e:
+            log.warning("transformers could not load the tower from %s either: %s", path, e)
+            return False
+        missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))  # unused: no pooling here
+        if missing or info["mismatched_keys"]:
+            raise KeyError(f"vision weights in {path} lack {len(missing)} keys of the tower "
+                           f"(e.g. {missing[:5]}) or have other shapes "
+                           f"({[k for k, *_ in info['mismatched_keys']][:5]})")
+        self.model = model.float()
+        log.info("loaded vision tower through transformers' key renaming (%d dropped layer(s))",
+                 total_layers - self.model.config.num_hidden_layers)
+        return True
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels, output_hidden_states=True)
