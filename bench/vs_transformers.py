@@ -1,6 +1,7 @@
 """Ours vs transformers' BLIP-2 classes on identical weights, both measured in the same run.
 
     python bench/vs_transformers.py [--models tiny,default] [--batches 1,8,32] [--max-new-tokens 30]
+                                    [--device cpu|cuda]
 
 For each model a transformers checkpoint is written to a temporary directory; transformers loads it
 with its own classes, ours imports the same directory (`Blip2.from_dir`). Then:
@@ -35,7 +36,7 @@ import torch
 
 from blip2.config import DecodeConfig
 from blip2.generate import generate_ids
-from blip2.model import Blip2
+from blip2.model import Blip2, resolve_device
 
 Q = 32
 
@@ -106,10 +107,17 @@ def _gpt2_like_tokenizer():
 def timed(fn, repeats: int) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(repeats):
+        _sync()
         t = time.perf_counter()
         out = fn()
+        _sync()
         best = min(best, time.perf_counter() - t)
     return best, out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def hf_generate(hf, pixels, ids, cfg: DecodeConfig, eos: int, pad: int) -> list[list[int]]:
@@ -132,8 +140,8 @@ def bench_captioning(hf, ours, batches, max_new, repeats, prompt: str = "a photo
         cfg = DecodeConfig(num_beams=1 if decode == "greedy" else 5, max_new_tokens=max_new,
                            min_new_tokens=min(8, max_new))  # the captioning defaults
         for b in batches:
-            pixels = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b))
-            ids = torch.tensor([[image_id] * Q + p_ids] * b)
+            pixels = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b)).to(ours.device)
+            ids = torch.tensor([[image_id] * Q + p_ids] * b, device=ours.device)
             with torch.no_grad():
                 t_hf, out_hf = timed(partial(hf_generate, hf, pixels, ids, cfg, ours.llm.eos_id, ours.llm.pad_id),
                                      repeats)
@@ -156,11 +164,13 @@ def bench_questions(hf, ours, n_images, n_questions, max_new, repeats) -> dict:
     width = max(len(p) for p in p_ids)
     image_id = hf.config.image_token_index
     pad = ours.llm.pad_id
-    pixels = torch.randn(n_images, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    pixels = torch.randn(n_images, 3, 224, 224, generator=torch.Generator().manual_seed(7)).to(ours.device)
     rows_px = pixels.repeat_interleave(n_questions, 0)
     # transformers: left-padded [pads | image tokens | question] rows
-    ids = torch.tensor([[pad] * (width - len(p)) + [image_id] * Q + p for _ in range(n_images) for p in p_ids])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * (Q + len(p)) for _ in range(n_images) for p in p_ids])
+    ids = torch.tensor([[pad] * (width - len(p)) + [image_id] * Q + p for _ in range(n_images) for p in p_ids],
+                       device=ours.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * (Q + len(p)) for _ in range(n_images) for p in p_ids],
+                        device=ours.device)
     cfg = DecodeConfig(num_beams=5, max_new_tokens=max_new, min_new_tokens=1, length_penalty=-1.0)
 
     def run_hf():
@@ -189,7 +199,7 @@ def bench_itm(ret_hf, ret_ours, n_texts: int, repeats: int) -> dict:
     texts = [f"a photo of {n} {w} on the grass" for n in ("one", "two", "three", "four") for w in
              ("dogs", "cats", "people", "birds", "cars", "balls", "boats", "trees")][:n_texts]
     ids, mask = ret_ours.tokenize(texts)
-    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3)).to(ret_ours.device)
     with torch.no_grad():
         t_hf, ref = timed(lambda: ret_hf(pixel_values=pixels.expand(n_texts, -1, -1, -1), input_ids=ids,
                                          attention_mask=mask, use_image_text_matching_head=True).logits_per_image,
@@ -214,24 +224,27 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (both sides run there)")
     args = ap.parse_args()
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     import transformers as tf
 
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, transformers "
-          f"{tf.__version__}, {torch.get_num_threads()} threads; best of {args.repeats}")
+          f"{tf.__version__}, {torch.get_num_threads()} threads, device {device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}; best of {args.repeats}")
     batches = [int(b) for b in args.batches.split(",")]
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             gen_dir, ret_dir = build_checkpoints(name, Path(tmp))
-            hf = tf.Blip2ForConditionalGeneration.from_pretrained(gen_dir).eval()
-            ours = Blip2.from_dir(gen_dir)
+            hf = tf.Blip2ForConditionalGeneration.from_pretrained(gen_dir).to(device).eval()
+            ours = Blip2.from_dir(gen_dir).to(device)
             print(f"## model {name}: LM {hf.config.text_config.model_type} "
                   f"{sum(p.numel() for p in hf.language_model.parameters()) / 1e6:.0f}M params")
             rows = bench_captioning(hf, ours, batches, args.max_new_tokens, args.repeats)
             rows.append(bench_questions(hf, ours, 2, 4, 10, args.repeats))
-            ret_hf = tf.Blip2ForImageTextRetrieval.from_pretrained(ret_dir).eval()
-            rows.append(bench_itm(ret_hf, Blip2.from_dir(ret_dir), 32, args.repeats))
+            ret_hf = tf.Blip2ForImageTextRetrieval.from_pretrained(ret_dir).to(device).eval()
+            rows.append(bench_itm(ret_hf, Blip2.from_dir(ret_dir).to(device), 32, args.repeats))
             print(f"## summary {name}")
             for r in rows:
                 ok = r.get("identical_tokens", r.get("max_abs_logit_diff", 0) < 1e-4)
