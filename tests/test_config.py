@@ -23,7 +23,8 @@ def test_packaged_recipes_parse():
         assert isinstance(recipe, cls)
         if cls is not Stage1Recipe:
             s2 = recipe if cls is Stage2Recipe else recipe.stage2
-            assert s2.model.llm is not None and s2.stage2.prompt_lr_mult == 10.0
+            # the CPU-budget recipes boost the soft-prompt ends (query tokens, llm_proj) over the Q-Former body
+            assert s2.model.llm is not None and s2.stage2.prompt_lr_mult > 1.0
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
