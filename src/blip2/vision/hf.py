@@ -101,12 +101,18 @@ class HFVisionEncoder(FrozenImageEncoder):
         longer use (transformers 5 renames e.g. ViT's `encoder.layer.N.attention.attention.query` to
         `layers.N.attention.q_proj` while loading): let transformers apply its own renaming, then
         check strictly that every tower weight came from the file. False if it cannot."""
+        from transformers.utils import logging as tf_logging
+
+        verbosity = tf_logging.get_verbosity()
+        tf_logging.set_verbosity_error()  # its load report lists every dropped layer's weight; we check below
         try:
             model, info = type(self.model).from_pretrained(str(path), config=self.model.config, local_files_only=True,
                                                            output_loading_info=True)
         except (OSError, ValueError) as e:
             log.warning("transformers could not load the tower from %s either: %s", path, e)
             return False
+        finally:
+            tf_logging.set_verbosity(verbosity)
         missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))  # unused: no pooling here
         if missing or info["mismatched_keys"]:
             raise KeyError(f"vision weights in {path} lack {len(missing)} keys of the tower "
