@@ -45,3 +45,19 @@ def test_generation_contract_flags():
 def test_unknown_recipe_lists_packaged_ones():
     with pytest.raises(SystemExit, match="flickr8k-stage1"):
         resolve_recipe("no-such-recipe")
+
+
+def test_quickstart_seed_reaches_both_stages(monkeypatch, tmp_path, capsys):
+    import blip2.quickstart
+
+    seen = {}
+
+    def fake(out, **kw):
+        seen.update(kw)
+        return {"retrieval": {}, "generation": {}}
+
+    monkeypatch.setattr(blip2.quickstart, "run_quickstart", fake)
+    assert main(["quickstart", "--out", str(tmp_path), "--seed", "7"]) == 0
+    assert seen["extra"] == ("train.seed=7",) and seen["extra_stage2"] == ("train.seed=7",)
+    assert main(["quickstart", "--out", str(tmp_path)]) == 0
+    assert seen["extra"] == () and seen["extra_stage2"] == ()  # the recipes' own seed

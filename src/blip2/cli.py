@@ -268,7 +268,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from blip2.quickstart import run_quickstart
 
     sizes = {k: v for k, v in (("n_train", args.train_images), ("n_val", args.val_images)) if v is not None}
-    summary = run_quickstart(args.out, steps=args.steps, stage2_steps=args.stage2_steps, **sizes)
+    seed = (f"train.seed={args.seed}",) if args.seed is not None else ()
+    summary = run_quickstart(args.out, steps=args.steps, stage2_steps=args.stage2_steps, extra=seed,
+                             extra_stage2=seed, **sizes)
     gen = {k: v for k, v in summary["generation"].items() if "examples" not in k}
     print(json.dumps({"retrieval": summary["retrieval"], "generation": gen}, indent=2))
     print(f"report: {Path(args.out) / 'report.md'}")
@@ -478,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stage2-steps", type=int, default=None, help="override stage-2 steps (default: recipe)")
     q.add_argument("--train-images", type=int, default=None, help="training scenes (default 1000)")
     q.add_argument("--val-images", type=int, default=None, help="held-out scenes (default 200)")
+    q.add_argument("--seed", type=int, default=None, help="train.seed of both stages (default: the recipes', 42)")
     q.set_defaults(func=cmd_quickstart)
     return p
 
