@@ -246,13 +246,14 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_capfilt(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from blip2.capfilt import CapFiltConfig, run_capfilt
-    from blip2.config import DecodeConfig
     from blip2.train.distributed import World
 
     world = World.from_env()
-    sampling = DecodeConfig(num_beams=1, do_sample=True, top_p=args.top_p, temperature=args.temperature,
-                            max_new_tokens=30, min_new_tokens=5)
+    # CapFiltConfig's sampling defaults (length limits) with the command line's nucleus settings
+    sampling = replace(CapFiltConfig().sampling, top_p=args.top_p, temperature=args.temperature)
     cfg = CapFiltConfig(num_samples=args.num_samples, top_k=args.top_k, sampling=sampling, prompt=args.prompt,
                         use_itm=args.itm, seed=args.seed)
     captioner = _load(args.model, args.device)
