@@ -12,20 +12,30 @@ DIR holds a BERT tokenizer (vocab.txt, tokenizer.json, ...; the packaged MiniLM'
    tiny transformers ViT as the frozen encoder (stage 1 ends with its retrieval evaluation on the
    device). Printed: the largest weight difference after training (different kernels, so ~1e-5, not
    0; a missing device move fails loudly instead), the logged losses side by side, and whether
-   greedy captions of both trained stage-2 models agree on the same features.
-2. Timing (`--timing-steps`) on --device: one stage-1 step (ITC + ITM + ITG, AdamW) of a
+   greedy captions of both trained stage-2 models agree on the same features. Then both stages
+   again on the device with train.amp=bf16 (stage 1 encoding images online through the frozen ViT on
+   the device instead of reading the cache): the first logged loss against the fp32 one.
+2. Two processes on the one device (gloo, which takes CUDA tensors; NCCL refuses two ranks on one
+   GPU): one step of each stage through the real loop against one process on the global batch, as
+   tests/train/test_distributed.py does on the CPU; printed: the largest weight difference.
+3. Timing (`--timing-steps`) on --device: one stage-1 step (ITC + ITM + ITG, AdamW) of a
    BERT-base-size Q-Former (12 x 768, 32 queries) on 257 x 1024 cached features at batch 64, and one
    stage-2 step through a frozen random 24 x 1024 Llama (~0.3B) at batch 32; seconds per step,
-   pairs/s and peak GPU memory.
+   pairs/s and peak GPU memory, in fp32, TF32 matmuls, bf16 autocast (train.amp=bf16) and bf16
+   autocast with the frozen LLM stored in bf16 (llm.precision=bf16), with speed-ups against fp32.
+Each part's failure is recorded in the report and the next part still runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import tempfile
 import time
+import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -36,6 +46,7 @@ from blip2.data.scenes import write_scenes
 from blip2.llm import FrozenLM
 from blip2.losses import Stage1Loss, Stage2Loss
 from blip2.model import Blip2, resolve_device
+from blip2.train.distributed import World
 from blip2.train.loop import train
 
 
@@ -63,14 +74,16 @@ def tiny_assets(root: Path) -> tuple[Path, Path, Path]:
     return ann, root / "vit", root / "llm"
 
 
-def recipe(stage: int, ann: Path, vit: Path, llm: Path, tokenizer: str, device: str, cache: Path):
+def recipe(stage: int, ann: Path, vit: Path, llm: Path, tokenizer: str, device: str, cache: Path, extra=()):
     sets = ["model.vision.name=hf", f"model.vision.path={vit}", "model.vision.image_size=64",
             "model.vision.drop_last_layers=0", "model.qformer.init=none", f"model.qformer.tokenizer={tokenizer}",
             "model.qformer.num_layers=2", "model.qformer.hidden_size=32", "model.qformer.num_heads=4",
             "model.qformer.intermediate_size=64", "model.qformer.num_queries=4", "model.qformer.embed_dim=16",
             f"data.train={ann}", f"data.cache_dir={cache}", "data.num_workers=0", "train.steps=3",
             "train.batch_size=8", "train.warmup_steps=0", "train.log_every=1", "train.lr=1e-3",
-            "eval.max_images=4", f"train.device={device}"]
+            "eval.max_images=4", f"train.device={device}",
+            # no dropout: CUDA's dropout masks differ from the CPU's, which would hide kernel agreement
+            "model.qformer.hidden_dropout=0.0", "model.qformer.attention_dropout=0.0", *extra]
     if stage == 1:
         return load_recipe(None, [*sets, "eval.k_test=2"], Stage1Recipe)
     # no end-of-run caption metrics: they need pycocoevalcap and Java, which a bare GPU machine lacks
@@ -80,7 +93,7 @@ def recipe(stage: int, ann: Path, vit: Path, llm: Path, tokenizer: str, device: 
 
 def correctness(device: str, tokenizer: str, root: Path) -> dict:
     ann, vit, llm = tiny_assets(root)
-    report = {}
+    report: dict = {}
     for stage in (1, 2):
         runs = {}
         for dev in ("cpu", device):
@@ -101,15 +114,61 @@ def correctness(device: str, tokenizer: str, root: Path) -> dict:
             row["captions_equal"] = f"{sum(a == b for a, b in zip(cap, dap, strict=True))}/{len(cap)}"
         report[f"stage{stage}"] = row
         print(f"stage {stage}: {row}", flush=True)
+        amp = root / f"stage{stage}-amp"
+        # stage 1 also encodes online here (no cache, no augmentation: the same features as cached)
+        online = ["data.use_cache=false", "data.augment=false"] if stage == 1 else []
+        train(recipe(stage, ann, vit, llm, tokenizer, device, root / "cache-amp", ["train.amp=bf16", *online]),
+              amp, progress=False)
+        l16 = [json.loads(line)["loss"] for line in open(amp / "metrics.jsonl")]
+        report[f"stage{stage}_bf16"] = {"loss_bf16": l16, "first_loss_rel_diff": abs(l16[0] / row["loss_dev"][0] - 1)}
+        print(f"stage {stage} bf16: {report[f'stage{stage}_bf16']}", flush=True)
     return report
 
 
-def _seconds_per_step(model: Blip2, objective, steps: int, device: torch.device) -> float:
+# as tests/train/test_distributed.py: AdamW with eps=1 and lr=1 so that the first step
+# moves each weight by ~its gradient (the default eps makes it lr * sign(g), hiding gradient errors)
+EXACT = ["train.steps=1",
+         "train.lr=1.0", "train.adam_eps=1.0", "train.weight_decay=0.0", "eval.enabled=false"]
+
+
+def _rank(rank: int, stage: int, args: tuple, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    device = args[4]
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        train(recipe(stage, *args, EXACT), out, progress=False, world=World(rank, 2, device))
+    finally:
+        dist.destroy_process_group()
+
+
+def two_processes(device: str, tokenizer: str, root: Path) -> dict:
+    import torch.multiprocessing as mp
+
+    ann, vit, llm = tiny_assets(root)
+    device = str(resolve_device(device))  # both ranks on the same GPU
+    report = {}
+    for stage in (1, 2):
+        args = (ann, vit, llm, tokenizer, device, root / "cache-ddp")
+        one = root / f"one-{stage}"
+        train(recipe(stage, *args, EXACT), one, progress=False)
+        two = root / f"two-{stage}"
+        os.environ.pop("MASTER_ADDR", None)
+        mp.spawn(_rank, args=(stage, args, str(root / f"init-{stage}"), str(two)), nprocs=2, join=True)
+        w1, w2 = (load_file(str(d / "model" / "model.safetensors")) for d in (one, two))
+        report[f"stage{stage}_max_weight_diff"] = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    print(f"two processes vs one: {report}", flush=True)
+    return report
+
+
+def _seconds_per_step(model: Blip2, objective, steps: int, device: torch.device, amp: bool) -> float:
     """Mean wall time of forward + backward + AdamW for `objective(model) -> loss terms`."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> None:
-        objective(model)["loss"].backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():
+            loss = objective(model)["loss"]
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -124,26 +183,43 @@ def _seconds_per_step(model: Blip2, objective, steps: int, device: torch.device)
     return (time.perf_counter() - t) / steps
 
 
-def _time_on(dev: torch.device, qc: QFormerConfig, tok, lm_cfg, lm_tok, steps: int) -> tuple[float, float]:
-    """Seconds per stage-1 step (batch 64) and per stage-2 step (batch 32) on `dev`."""
+# precision modes timed: (TF32 matmuls, bf16 autocast, frozen LLM weights in bf16)
+MODES = {"fp32": (False, False, False), "tf32": (True, False, False), "bf16_autocast": (False, True, False),
+         "bf16_autocast_llm_bf16": (False, True, True)}
+
+
+def _time_on(dev: torch.device, qc: QFormerConfig, tok, lm_cfg, lm_tok, steps: int, mode: str) -> dict:
+    """Seconds per stage-1 step (batch 64) and per stage-2 step (batch 32) on `dev` in one mode."""
     import transformers as tf
 
+    tf32, amp, llm_bf16 = MODES[mode]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     text = "a man riding a horse on a beach next to the sea"
     gen = torch.Generator()
     torch.manual_seed(0)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     feats = torch.randn(64, 257, 1024, device=dev)  # (B, N, C) cached features of a ViT-L-size tower
-    s1 = Blip2(Blip2Config(qformer=qc), None, tok).to(dev).train()
-    ids, mask = s1.tokenize([text] * 64)
-    itc_itm_itg = Stage1Loss(True, True, True)
-    t1 = _seconds_per_step(s1, lambda m: itc_itm_itg(m, feats, ids, mask, torch.arange(64, device=dev),
-                                                     gen.manual_seed(0)), steps, dev)
-    del s1
-    llm = FrozenLM(tf.LlamaForCausalLM(lm_cfg), lm_tok, LLMConfig(max_prompt_len=16, max_text_len=24))
+    row = {}
+    if not llm_bf16:  # stage 1 has no LLM: the same as the mode before
+        s1 = Blip2(Blip2Config(qformer=qc), None, tok).to(dev).train()
+        ids, mask = s1.tokenize([text] * 64)
+        itc_itm_itg = Stage1Loss(True, True, True)
+        t1 = _seconds_per_step(s1, lambda m: itc_itm_itg(m, feats, ids, mask, torch.arange(64, device=dev),
+                                                         gen.manual_seed(0)), steps, dev, amp)
+        row.update(stage1_s_per_step=t1, stage1_pairs_per_s=64 / t1)
+        del s1
+    lm = tf.LlamaForCausalLM(lm_cfg).to(torch.bfloat16 if llm_bf16 else torch.float32)
+    llm = FrozenLM(lm, lm_tok, LLMConfig(max_prompt_len=16, max_text_len=24))
     s2 = Blip2(Blip2Config(qformer=qc, llm=LLMConfig()), None, tok, llm).to(dev).train()
     lm_loss = Stage2Loss()
     t2 = _seconds_per_step(s2, lambda m: lm_loss(m, feats[:32], [""] * 32, [text] * 32, gen.manual_seed(0)),
-                           steps, dev)
-    return t1, t2
+                           steps, dev, amp)
+    row.update(stage2_s_per_step=t2, stage2_pairs_per_s=32 / t2)
+    if dev.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return row
 
 
 def timing(device: str, tokenizer: str, steps: int) -> dict:
@@ -158,13 +234,25 @@ def timing(device: str, tokenizer: str, steps: int) -> dict:
                             num_attention_heads=16, num_key_value_heads=16, eos_token_id=2, pad_token_id=0)
     lm_tok = tf.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="[SEP]", pad_token="[PAD]")
     dev = resolve_device(device)
-    s1, s2 = _time_on(dev, qc, tok, lm_cfg, lm_tok, steps)
-    result = {"stage1_s_per_step": s1, "stage1_pairs_per_s": 64 / s1, "stage2_s_per_step": s2,
-              "stage2_pairs_per_s": 32 / s2}
-    if dev.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print({k: round(v, 4) for k, v in result.items()}, flush=True)
+    result = {}
+    for mode in MODES if dev.type == "cuda" else ("fp32",):
+        row = _time_on(dev, qc, tok, lm_cfg, lm_tok, steps, mode)
+        for stage in ("stage1", "stage2"):
+            if f"{stage}_s_per_step" in row:
+                row[f"{stage}_speedup_vs_fp32"] = result.get("fp32", row)[f"{stage}_s_per_step"] / row[
+                    f"{stage}_s_per_step"]
+        result[mode] = row
+        print(mode, {k: round(v, 4) for k, v in row.items()}, flush=True)
     return result
+
+
+def _part(info: dict, name: str, fn, *args) -> None:
+    """Run one part; a failure is recorded (with its traceback) instead of ending the check."""
+    try:
+        info[name] = fn(*args)
+    except Exception:
+        info[name] = {"error": traceback.format_exc()}
+        print(f"{name} FAILED:\n{info[name]['error']}", flush=True)
 
 
 def main() -> None:
@@ -173,14 +261,17 @@ def main() -> None:
     p.add_argument("--tokenizer", default="packaged", help="Q-Former BERT tokenizer directory")
     p.add_argument("--out", default=None, help="write gpu_check.json here")
     p.add_argument("--timing-steps", type=int, default=5, help="0 = skip the timing part")
+    p.add_argument("--no-two-processes", dest="two_processes", action="store_false", help="skip part 2")
     args = p.parse_args()
     info = {"torch": torch.__version__, "device": args.device,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     print(info, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        info["correctness"] = correctness(args.device, args.tokenizer, Path(tmp))
+        _part(info, "correctness", correctness, args.device, args.tokenizer, Path(tmp) / "c")
+        if args.two_processes:
+            _part(info, "two_processes", two_processes, args.device, args.tokenizer, Path(tmp) / "d")
     if args.timing_steps:
-        info["timing"] = timing(args.device, args.tokenizer, args.timing_steps)
+        _part(info, "timing", timing, args.device, args.tokenizer, args.timing_steps)
     print(json.dumps(info, indent=2))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Ours vs transformers' BLIP-2 classes on identical weights, both measured in the same run.
 
     python bench/vs_transformers.py [--models tiny,default] [--batches 1,8,32] [--max-new-tokens 30]
-                                    [--device cpu|cuda]
+                                    [--device cpu|cuda] [--lm-tokenizer DIR]
+                                    [--qformer-tokenizer DIR]
 
 For each model a transformers checkpoint is written to a temporary directory; transformers loads it
 with its own classes, ours imports the same directory (`Blip2.from_dir`). Then:
@@ -51,7 +52,8 @@ def _qformer_cfg(tf, width: int, layers: int, heads: int, ffn: int, text: bool):
                                  num_attention_heads=heads, intermediate_size=ffn, use_qformer_text_input=text)
 
 
-def build_checkpoints(name: str, root: Path) -> tuple[Path, Path]:
+def build_checkpoints(name: str, root: Path, lm_tokenizer: str | None = None, qformer_tokenizer: str = "packaged"
+                      ) -> tuple[Path, Path]:
     """(generation dir, retrieval dir) with the same vision tower and Q-Former weights."""
     import transformers as tf
 
@@ -64,7 +66,7 @@ def build_checkpoints(name: str, root: Path) -> tuple[Path, Path]:
         text_cfg = tf.OPTConfig(vocab_size=50272, hidden_size=512, ffn_dim=2048, num_hidden_layers=6,
                                 num_attention_heads=8, max_position_embeddings=256, word_embed_proj_dim=512,
                                 pad_token_id=1, bos_token_id=2, eos_token_id=2)
-        lm, tok = tf.OPTForCausalLM(text_cfg), _gpt2_like_tokenizer()
+        lm, tok = tf.OPTForCausalLM(text_cfg), _gpt2_like_tokenizer(lm_tokenizer)
     else:
         vis, qf = _vision_cfg(tf, 384, 6), (384, 6, 12, 1536)
         src = packaged_llm_dir()
@@ -91,17 +93,18 @@ def build_checkpoints(name: str, root: Path) -> tuple[Path, Path]:
     ret = tf.Blip2ForImageTextRetrieval(ret_cfg).eval()
     ret.vision_model.load_state_dict(gen.vision_model.state_dict())
     ret.save_pretrained(root / "ret")
-    load_tokenizer("packaged", 30523).save_pretrained(root / "ret")
+    load_tokenizer(qformer_tokenizer, 30523).save_pretrained(root / "ret")
     return root / "gen", root / "ret"
 
 
-def _gpt2_like_tokenizer():
-    """The packaged SmolLM2 BPE tokenizer stands in for OPT's (only ids matter for timing)."""
+def _gpt2_like_tokenizer(directory: str | None):
+    """The packaged SmolLM2 BPE tokenizer (or the one in `directory`) stands in for OPT's (only ids
+    matter for timing)."""
     from transformers import AutoTokenizer
 
     from blip2.llm import packaged_llm_dir
 
-    return AutoTokenizer.from_pretrained(packaged_llm_dir(), local_files_only=True)
+    return AutoTokenizer.from_pretrained(directory or packaged_llm_dir(), local_files_only=True)
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -225,6 +228,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (both sides run there)")
+    ap.add_argument("--lm-tokenizer", default=None,
+                    help="tokenizer directory for the tiny model's LM (default: the packaged SmolLM2's)")
+    ap.add_argument("--qformer-tokenizer", default="packaged", help="BERT tokenizer directory for the ITM model")
     args = ap.parse_args()
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
@@ -236,7 +242,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            gen_dir, ret_dir = build_checkpoints(name, Path(tmp))
+            gen_dir, ret_dir = build_checkpoints(name, Path(tmp), args.lm_tokenizer, args.qformer_tokenizer)
             hf = tf.Blip2ForConditionalGeneration.from_pretrained(gen_dir).to(device).eval()
             ours = Blip2.from_dir(gen_dir).to(device)
             print(f"## model {name}: LM {hf.config.text_config.model_type} "

@@ -19,6 +19,12 @@ torch.set_num_threads(2)
 # The project's shared/ folder (real data) sits beside the repository checkout.
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+# Recipe overrides for a tiny random model on 64-px procedural scenes (2 x 32 Q-Former, 4 queries);
+# tests add their own train.* / data.* settings.
+TINY_SETS = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
+             "model.qformer.hidden_size=32", "model.qformer.num_heads=4", "model.qformer.intermediate_size=64",
+             "model.qformer.num_queries=4", "model.qformer.embed_dim=16", "data.num_workers=0"]
+
 
 def tiny_qformer(**kw) -> QFormerConfig:
     base = dict(init="none", num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, num_queries=4,

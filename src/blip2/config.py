@@ -251,9 +251,14 @@ class TrainConfig:
     # Where the model trains: "cpu", "cuda" (under torchrun: cuda:LOCAL_RANK), "cuda:N", or "auto"
     # (cuda when available). The frozen LLM/encoder move too; the feature cache stays in CPU memory.
     device: str = "cpu"
+    # Mixed precision for the trained parts: "none" (fp32), "bf16" (autocast; the usual choice on
+    # GPUs since Ampere) or "fp16" (autocast + dynamic loss scaling, for GPUs without bf16). Weights,
+    # gradients and optimizer state stay fp32; the frozen parts keep their own `precision`.
+    amp: str = "none"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        _choice("train.amp", self.amp, ("none", "bf16", "fp16"))
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"train.device {self.device!r} is not a device: use cpu, cuda, cuda:N, mps or auto")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):

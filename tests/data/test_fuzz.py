@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 
 from blip2.vision.transforms import load_rgb
+from conftest import TINY_SETS
 
 FUZZ = Path(__file__).parent / "fuzz"
 EXPECTED = json.loads((FUZZ / "expected.json").read_text())
 BAD = sorted(n for n, v in EXPECTED.items() if v == "skip")
-TINY = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
-        "model.qformer.hidden_size=32", "model.qformer.num_heads=4", "model.qformer.intermediate_size=64",
-        "model.qformer.num_queries=4", "model.qformer.embed_dim=16", "train.batch_size=8", "train.ckpt_every=2",
-        "train.warmup_steps=1", "data.num_workers=0"]
+TINY = [*TINY_SETS, "train.batch_size=8", "train.ckpt_every=2", "train.warmup_steps=1"]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -17,6 +17,7 @@ from blip2.data.shards import load_shard_records, shard_paths, stream, write_sha
 from blip2.io import split_member
 from blip2.train.loop import train
 from blip2.vision.transforms import load_rgb
+from conftest import TINY_SETS
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +92,7 @@ def test_a_corrupt_member_is_skipped_and_counted(tmp_path, scenes):
     assert list(skipped) == [load_shard_records(tmp_path / "s")[2].path]
 
 
-TINY = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
-        "model.qformer.hidden_size=32", "model.qformer.num_heads=4", "model.qformer.intermediate_size=64",
-        "model.qformer.num_queries=4", "model.qformer.embed_dim=16", "train.batch_size=8", "train.log_every=1",
-        "train.warmup_steps=1", "data.num_workers=0", "eval.k_test=3"]
+TINY = [*TINY_SETS, "train.batch_size=8", "train.log_every=1", "train.warmup_steps=1", "eval.k_test=3"]
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

@@ -18,13 +18,10 @@ from blip2.model import Blip2
 from blip2.train import checkpoint
 from blip2.train.distributed import World
 from blip2.train.loop import train
-from conftest import save_tiny_llm
+from conftest import TINY_SETS, save_tiny_llm
 
-QFORMER = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
-           "model.qformer.hidden_size=32", "model.qformer.num_heads=4", "model.qformer.intermediate_size=64",
-           "model.qformer.num_queries=4", "model.qformer.embed_dim=16", "model.qformer.hidden_dropout=0.0",
-           "model.qformer.attention_dropout=0.0", "data.num_workers=0", "eval.enabled=false",
-           "train.warmup_steps=0", "train.log_every=1", "train.ckpt_every=1", "train.threads=1"]
+QFORMER = [*TINY_SETS, "model.qformer.hidden_dropout=0.0", "model.qformer.attention_dropout=0.0",
+           "eval.enabled=false", "train.warmup_steps=0", "train.log_every=1", "train.ckpt_every=1", "train.threads=1"]
 
 
 # AdamW's first step moves a weight by lr * g / (|g| + eps). With the default eps=1e-8 that is

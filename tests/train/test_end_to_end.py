@@ -15,12 +15,10 @@ from blip2.config import load_recipe
 from blip2.data.scenes import write_scenes
 from blip2.train import checkpoint
 from blip2.train.loop import train
+from conftest import TINY_SETS
 
-TINY = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
-        "model.qformer.hidden_size=32", "model.qformer.num_heads=4", "model.qformer.intermediate_size=64",
-        "model.qformer.num_queries=4", "model.qformer.embed_dim=16", "train.steps=6", "train.batch_size=8",
-        "train.ckpt_every=2", "train.log_every=1", "train.warmup_steps=2", "data.num_workers=0",
-        "eval.k_test=3", "eval.max_images=6"]
+TINY = [*TINY_SETS, "train.steps=6", "train.batch_size=8", "train.ckpt_every=2", "train.log_every=1",
+        "train.warmup_steps=2", "eval.k_test=3", "eval.max_images=6"]
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ from blip2.vision.transforms import load_rgb
 
 log = logging.getLogger(__name__)
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class MetricsLog:
     """JSONL metrics (always) + TensorBoard scalars (when tensorboard is installed)."""
@@ -267,11 +269,15 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     optimizer = build_optimizer(model, tc, {"llm_proj.": mult, "qformer.query_tokens": mult} if mult != 1.0 else None)
     objective = objective_for(recipe, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
     start = 0
     if ckpt is not None:
         model.load_trainable(ckpt.weights, source=str(ckpt.path))
         optimizer.load_state_dict(ckpt.optimizer)
         sampler.load_state(ckpt.state["sampler"])
+        if "grad_scaler" in ckpt.state:
+            scaler.load_state_dict(ckpt.state["grad_scaler"])
         start = ckpt.step
         log.info("resumed from %s at step %d", ckpt.path, start)
     world.broadcast_(trainable)
@@ -298,13 +304,16 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
             feats = batch.image_feats if batch.image_feats is not None else model.image_features(batch.pixels)
             # the same on every rank: ITM's negative sampling draws for the global batch
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * tc.grad_accum + micro)
-            terms = objective(model, batch, feats, gen)
-            (terms["loss"] / tc.grad_accum).backward()
+            with torch.autocast(device.type, dtype=AMP_DTYPES.get(tc.amp), enabled=tc.amp != "none"):
+                terms = objective(model, batch, feats, gen)
+            scaler.scale(terms["loss"] / tc.grad_accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / tc.grad_accum
         world.average_gradients_(trainable)
+        scaler.unscale_(optimizer)  # (no-op without fp16) so that the norm and the clip see true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when an fp16 gradient overflowed; the scale then shrinks
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_n += tc.batch_size * tc.grad_accum
@@ -320,13 +329,17 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
                    "samples_per_s": round(window_n / elapsed, 2)}
             if stage == 1:
                 row["temp"] = model.temp.item()
+            if scaler.is_enabled():
+                row["loss_scale"] = scaler.get_scale()
             row["query_cos"] = round(model.query_diversity(feats), 4)  # last micro-batch
             metrics.write(row)
             bar.set_postfix(loss=f"{totals['loss']:.3f}", sps=row["samples_per_s"])
             window_t, window_n = time.perf_counter(), 0
         if world.is_main and (step % tc.ckpt_every == 0 or step == tc.steps):
-            checkpoint.save(out, step, recipe_dict, model.trainable_state_dict(), optimizer,
-                            {"sampler": sampler.state(), "world_size": world.world_size})
+            state = {"sampler": sampler.state(), "world_size": world.world_size}
+            if scaler.is_enabled():
+                state["grad_scaler"] = scaler.state_dict()
+            checkpoint.save(out, step, recipe_dict, model.trainable_state_dict(), optimizer, state)
         if stop_after is not None and step >= stop_after:
             bar.close()
             if metrics is not None:
