@@ -42,6 +42,20 @@ def test_generation_contract_flags():
     assert p.parse_args(["caption", "--model", "m", "a.jpg", "b.jpg"]).images == ["a.jpg", "b.jpg"]
 
 
+def test_every_command_that_loads_a_model_takes_device_and_precision():
+    p = build_parser()
+    for argv in (["caption", "--model", "m", "a.jpg"], ["ask", "--model", "m", "a.jpg", "q"],
+                 ["chat", "--model", "m", "a.jpg"], ["eval", "caption", "--model", "m", "--data", "d"],
+                 ["eval", "vqa", "--model", "m", "--data", "d"], ["eval", "retrieval", "--model", "m", "--data", "d"],
+                 ["capfilt", "--model", "m", "--data", "d", "--out", "o"],
+                 ["retrieve", "--model", "m", "--images", "a.jpg", "--texts", "t"]):
+        a = p.parse_args([*argv, "--device", "cuda", "--precision", "bf16"])
+        assert (a.device, a.precision) == ("cuda", "bf16"), argv
+        assert p.parse_args(argv).precision is None  # default: as saved
+    with pytest.raises(SystemExit):
+        p.parse_args(["caption", "--model", "m", "a.jpg", "--precision", "int8"])
+
+
 def test_unknown_recipe_lists_packaged_ones():
     with pytest.raises(SystemExit, match="flickr8k-stage1"):
         resolve_recipe("no-such-recipe")

@@ -121,3 +121,33 @@ def test_query_diversity_by_hand(tiny_model):
     hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # cosines 0, 1/sqrt2, 1/sqrt2
     tiny_model.qformer.forward = lambda *a, **k: type("O", (), {"hidden": hidden.expand(3, -1, -1)})()
     assert tiny_model.query_diversity(feats) == pytest.approx((2 * (0 + 2 * 2 ** -0.5)) / 6)
+
+
+def test_precision_override_casts_only_the_frozen_parts(tmp_path, caplog):
+    """from_dir(precision=...) (the inference commands' --precision) stores the frozen encoder and
+    LLM in that dtype, keeps the Q-Former fp32, scores like the fp32 model to bf16 accuracy and is
+    still recognised as the encoder the model was trained with."""
+    from blip2.config import LLMConfig
+    from conftest import save_tiny_llm
+
+    torch.manual_seed(0)
+    llm = LLMConfig(path=str(save_tiny_llm(tmp_path / "llm")), max_text_len=8)
+    cfg = Blip2Config(vision=VisionConfig(image_size=64), qformer=tiny_qformer(vision_width=None), llm=llm)
+    Blip2.build(cfg).save(tmp_path / "model")
+    fp32 = Blip2.from_dir(tmp_path / "model")
+    with caplog.at_level("WARNING"):
+        bf16 = Blip2.from_dir(tmp_path / "model", precision="bf16")
+    assert "differs from the one this model was trained with" not in caplog.text
+    assert fp32.vision.fingerprint() != bf16.vision.fingerprint()  # feature caches are kept apart
+    assert {p.dtype for p in bf16.vision.parameters()} == {p.dtype for p in bf16.llm.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.qformer.parameters()} == {torch.float32}
+    x = torch.randn(2, 3, 64, 64)
+    scores = []
+    for model in (fp32, bf16):
+        with torch.no_grad():
+            total, count = model.llm.loss_sum(model.soft_prompt(model.image_features(x)), [[], []],
+                                              [[5, 6, 1], [7, 1]])
+        scores.append(float(total / count))
+    assert scores[1] == pytest.approx(scores[0], rel=0.02) and scores[1] != scores[0]
+    with pytest.raises(ValueError, match="must be one of fp32, fp16, bf16"):
+        Blip2.from_dir(tmp_path / "model", precision="int8")

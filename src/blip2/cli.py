@@ -64,15 +64,15 @@ def cmd_train_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: str, device: str = "cpu"):
+def _load(path: str, device: str = "cpu", precision: str | None = None):
     """A model directory (ours or transformers BLIP-2) on `device`, in eval mode."""
     from blip2.model import Blip2, resolve_device
 
-    return Blip2.from_dir(path).to(resolve_device(device)).eval()
+    return Blip2.from_dir(path, precision=precision).to(resolve_device(device)).eval()
 
 
-def _load_generator(path: str, device: str = "cpu"):
-    model = _load(path, device)
+def _load_generator(path: str, device: str = "cpu", precision: str | None = None):
+    model = _load(path, device, precision)
     if model.llm is None:
         raise SystemExit(f"{path} is a stage-1 model (retrieval/matching only): captioning needs a stage-2 model")
     return model
@@ -92,7 +92,7 @@ def _decode_cfg(args: argparse.Namespace, base):
 def cmd_caption(args: argparse.Namespace) -> int:
     from blip2.tasks import CAPTION_DECODE, image_features
 
-    model = _load_generator(args.model, args.device)
+    model = _load_generator(args.model, args.device, args.precision)
     decode = _decode_cfg(args, CAPTION_DECODE)
     for path in args.images:
         text = model.generate(image_features(model, [path]), [args.prompt], decode)[0]
@@ -103,7 +103,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from blip2.tasks import VQA_DECODE, image_features, rank_options, vqa_prompt
 
-    model = _load_generator(args.model, args.device)
+    model = _load_generator(args.model, args.device, args.precision)
     feats = image_features(model, [args.image])
     prompt = vqa_prompt(model.llm, args.question)
     if args.options:
@@ -119,7 +119,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from blip2.tasks import VQA_DECODE, chat_prompt, image_features
 
-    model = _load_generator(args.model, args.device)
+    model = _load_generator(args.model, args.device, args.precision)
     feats = image_features(model, [args.image])
     decode = _decode_cfg(args, VQA_DECODE)
     history: list[tuple[str, str]] = []
@@ -139,7 +139,7 @@ def cmd_eval_caption(args: argparse.Namespace) -> int:
     from blip2.eval.caption import evaluate_generation
     from blip2.tasks import CAPTION_DECODE
 
-    model = _load_generator(args.model, args.device)
+    model = _load_generator(args.model, args.device, args.precision)
     cfg = CaptionEvalConfig(max_images=args.max_images, batch_size=args.batch_size,
                             decode=_decode_cfg(args, CAPTION_DECODE))
     result = evaluate_generation(model, args.data, args.images, args.split, cfg, args.cache_dir, args.workers,
@@ -152,7 +152,7 @@ def cmd_eval_vqa(args: argparse.Namespace) -> int:
     from blip2.eval.vqa import evaluate_vqa, load_questions
     from blip2.tasks import VQA_DECODE
 
-    model = _load_generator(args.model, args.device)
+    model = _load_generator(args.model, args.device, args.precision)
     questions = load_questions(args.data, args.images, args.split)[: args.max_questions]
     options = [o.strip() for o in args.options.split(",")] if args.options else None
     result = evaluate_vqa(model, questions, _decode_cfg(args, VQA_DECODE), args.batch_size, options,
@@ -198,6 +198,9 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
 
 def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (cuda when available)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="precision of the frozen image encoder and LLM (default: as saved; fp16/bf16 halve "
+                        "their memory on a GPU, the Q-Former stays fp32)")
 
 
 def _data_args(p: argparse.ArgumentParser, data_help: str) -> None:
@@ -216,7 +219,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from blip2.config import EvalConfig
     from blip2.eval.retrieval import evaluate_split
 
-    model = _load(args.model, args.device)
+    model = _load(args.model, args.device, args.precision)
     cfg = EvalConfig(k_test=args.k, batch_size=args.batch_size, max_images=args.max_images)
     result = evaluate_split(model, args.data, args.images, args.split, cfg, args.cache_dir,
                             args.workers, progress=not args.json)
@@ -256,8 +259,8 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
     sampling = replace(CapFiltConfig().sampling, top_p=args.top_p, temperature=args.temperature)
     cfg = CapFiltConfig(num_samples=args.num_samples, top_k=args.top_k, sampling=sampling, prompt=args.prompt,
                         use_itm=args.itm, seed=args.seed)
-    captioner = _load(args.model, args.device)
-    scorer = _load(args.scorer, args.device) if args.scorer else captioner
+    captioner = _load(args.model, args.device, args.precision)
+    scorer = _load(args.scorer, args.device, args.precision) if args.scorer else captioner
     report = run_capfilt(captioner, scorer, args.data, args.out, cfg, args.images, args.split, world.rank,
                          world.world_size, wait_for_ranks=world.barrier)
     if report is not None:
@@ -282,7 +285,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     from blip2.retrieval import embed_gallery, itc_similarity, rerank
     from blip2.tasks import image_features
 
-    model = _load(args.model, args.device)
+    model = _load(args.model, args.device, args.precision)
     if not model.cfg.qformer.text_branch:
         raise SystemExit(f"{args.model} has no Q-Former text branch (a captioning-only checkpoint): retrieval "
                          "needs a stage-1 / Blip2ForImageTextRetrieval model")

@@ -9,6 +9,7 @@ separate, explicit steps with strict key and shape checks.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -275,22 +276,28 @@ class Blip2(nn.Module):
             write_json(tmp / CONFIG, doc)
 
     @classmethod
-    def from_dir(cls, directory: str | Path, with_vision: bool = True) -> Blip2:
+    def from_dir(cls, directory: str | Path, with_vision: bool = True, precision: str | None = None) -> Blip2:
         """Rebuild from config.json and load model.safetensors strictly (or import a transformers
-        BLIP-2 directory); returned in eval mode."""
+        BLIP-2 directory); returned in eval mode. `precision` (fp32, fp16, bf16) replaces the saved
+        precision of the frozen image encoder and LLM, e.g. to halve their memory on a GPU; the
+        Q-Former always runs in fp32."""
         directory = Path(directory)
         from blip2.interop.hf import is_hf_dir, load_hf
 
         if is_hf_dir(directory):  # a transformers BLIP-2 checkpoint directory
-            return load_hf(directory, with_vision=with_vision)
+            return load_hf(directory, with_vision=with_vision, precision=precision or "fp32")
         if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
             raise FileNotFoundError(f"{directory} is not a blip2 model directory (needs {CONFIG} + {WEIGHTS})")
         doc = read_json(directory / CONFIG)
         cfg = from_dict(Blip2Config, doc["model"])
+        trained_precision = cfg.vision.precision
+        if precision is not None:  # replace() re-validates the value
+            cfg.vision = replace(cfg.vision, precision=precision)
+            cfg.llm = replace(cfg.llm, precision=precision) if cfg.llm is not None else None
         model = cls.build(cfg, with_vision=with_vision)
         model.load_trainable(load_file(str(directory / WEIGHTS)), source=str(directory / WEIGHTS))
         saved = doc.get("meta", {}).get("vision_fingerprint")
-        if model.vision is not None and saved and saved != model.vision.fingerprint():
+        if model.vision is not None and saved and saved != model.vision.fingerprint(trained_precision):
             log.warning("the frozen encoder differs from the one this model was trained with "
                         "(fingerprint %s != %s): features will not match training", model.vision.fingerprint(), saved)
         model.meta = doc.get("meta", {})

@@ -65,7 +65,11 @@ class FrozenImageEncoder(nn.Module):
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def fingerprint(self) -> str:
-        """Changes whenever weights, feature choice, precision or preprocessing change."""
+    def fingerprint(self, precision: str | None = None) -> str:
+        """Changes whenever weights, feature choice, precision or preprocessing change; `precision`
+        stands in for the encoder's own (is this the encoder a model was trained with, at any
+        precision?)."""
         ident = dict(self._identity, preprocess=self.preprocess.key())
+        if precision is not None:
+            ident["precision"] = precision
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
