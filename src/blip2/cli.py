@@ -310,6 +310,28 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attention(args: argparse.Namespace) -> int:
+    from blip2.attention_maps import cross_attention, plot_attention
+    from blip2.tasks import CAPTION_DECODE, image_features
+    from blip2.vision.transforms import load_rgb
+
+    model = _load(args.model, args.device, args.precision)
+    out = Path(args.out)
+    for path in args.images:
+        feats = image_features(model, [path])
+        maps = cross_attention(model, feats)  # (L, 1, H, Q, N)
+        if not -len(maps) <= args.layer < len(maps):
+            raise SystemExit(f"--layer {args.layer}: this Q-Former has {len(maps)} cross-attention layers")
+        title = Path(path).name
+        if model.llm is not None:  # what it says next to where it looks
+            title += ": " + model.generate(feats, [""], CAPTION_DECODE)[0]
+        size = model.vision.preprocess.size
+        png = plot_attention(load_rgb(path).resize((size, size)), maps[args.layer, 0].cpu(),
+                             out / f"{Path(path).stem}.attention.png", title)
+        print(f"{path}\t{png}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from blip2.interop.hf import is_hf_dir, load_hf, save_hf
     from blip2.model import Blip2
@@ -465,6 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--k", type=int, default=16, help="ITM re-ranks the top k ITC candidates (0 = ITC only)")
     rt.add_argument("--json", action="store_true")
     rt.set_defaults(func=cmd_retrieve)
+
+    at = sub.add_parser("attention", help="plot where the Q-Former's queries look in each image (cross-attention)")
+    at.add_argument("--model", required=True)
+    _device_arg(at)
+    at.add_argument("images", nargs="+")
+    at.add_argument("--out", default="attention", help="folder for the PNGs (one per image)")
+    at.add_argument("--layer", type=int, default=-1,
+                    help="which cross-attention layer, counted among those that have one (default: the last)")
+    at.set_defaults(func=cmd_attention)
 
     cv = sub.add_parser("convert", help="convert a model between our format and transformers' BLIP-2 classes")
     cv.add_argument("--from", dest="from_format", choices=("hf", "lavis", "ours"), required=True)
