@@ -77,3 +77,10 @@ def test_cli_writes_one_plot_per_image(tmp_path, capsys):
         assert src == image and Image.open(png).size[0] > 100
     with pytest.raises(SystemExit, match="has 1 cross-attention layers"):
         main(["attention", "--model", str(tmp_path / "model"), images[0], "--layer", "3", "--out", str(tmp_path)])
+
+
+def test_works_without_retrieval_heads(tokenizer):
+    """Captioning-only models (a transformers Blip2ForConditionalGeneration) have no ITC heads."""
+    torch.manual_seed(0)
+    model = Blip2(Blip2Config(qformer=tiny_qformer(text_branch=False)), None, tokenizer).eval()
+    assert cross_attention(model, torch.randn(2, 16, 24)).shape == (1, 2, 4, 4, 16)

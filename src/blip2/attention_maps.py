@@ -29,7 +29,7 @@ def cross_attention(model: Blip2, image_feats: torch.Tensor) -> torch.Tensor:
                 captured[key] = out
             hooks.append(getattr(attn.self, name).register_forward_hook(keep))
     try:
-        model.encode_image(image_feats)
+        model.qformer(image=model.vision_input(image_feats), use_queries=True)  # the query pass alone
     finally:
         for h in hooks:
             h.remove()
