@@ -14,7 +14,9 @@ DIR holds a BERT tokenizer (vocab.txt, tokenizer.json, ...; the packaged MiniLM'
    0; a missing device move fails loudly instead), the logged losses side by side, and whether
    greedy captions of both trained stage-2 models agree on the same features. Then both stages
    again on the device with train.amp=bf16 (stage 1 encoding images online through the frozen ViT on
-   the device instead of reading the cache): the first logged loss against the fp32 one.
+   the device instead of reading the cache): the first logged loss against the fp32 one; stage 1 with
+   train.amp=fp16 (losses and loss scale); greedy captions of the trained stage-2 model loaded with
+   its frozen parts in bf16 (`--precision bf16`) against fp32; the cross-attention maps' shape.
 2. Two processes on the one device (gloo, which takes CUDA tensors; NCCL refuses two ranks on one
    GPU): one step of each stage through the real loop against one process on the global batch, as
    tests/train/test_distributed.py does on the CPU; printed: the largest weight difference.
@@ -112,6 +114,14 @@ def correctness(device: str, tokenizer: str, root: Path) -> dict:
             greedy = DecodeConfig(num_beams=1, max_new_tokens=8, min_new_tokens=2)
             cap, dap = cpu_model.generate(feats, None, greedy), dev_model.generate(feats, None, greedy)
             row["captions_equal"] = f"{sum(a == b for a, b in zip(cap, dap, strict=True))}/{len(cap)}"
+            # inference with the frozen parts in bf16 (the commands' --precision bf16)
+            half = Blip2.from_dir(d_dev, precision="bf16").to(resolve_device(device)).eval()
+            hap = half.generate(feats, None, greedy)
+            same = sum(a == b for a, b in zip(hap, dap, strict=True))
+            row["bf16_inference_captions_equal_fp32"] = f"{same}/{len(cap)}"
+            from blip2.attention_maps import cross_attention
+
+            row["attention_maps_shape"] = list(cross_attention(dev_model, feats).shape)
         report[f"stage{stage}"] = row
         print(f"stage {stage}: {row}", flush=True)
         amp = root / f"stage{stage}-amp"
@@ -122,6 +132,14 @@ def correctness(device: str, tokenizer: str, root: Path) -> dict:
         l16 = [json.loads(line)["loss"] for line in open(amp / "metrics.jsonl")]
         report[f"stage{stage}_bf16"] = {"loss_bf16": l16, "first_loss_rel_diff": abs(l16[0] / row["loss_dev"][0] - 1)}
         print(f"stage {stage} bf16: {report[f'stage{stage}_bf16']}", flush=True)
+        if stage == 1:  # fp16 with loss scaling: the scaler's state is logged every step
+            fp16 = root / "stage1-fp16"
+            train(recipe(1, ann, vit, llm, tokenizer, device, root / "cache-amp", ["train.amp=fp16"]), fp16,
+                  progress=False)
+            rows = [json.loads(line) for line in open(fp16 / "metrics.jsonl")]
+            report["stage1_fp16"] = {k: [r[key] for r in rows] for k, key in
+                                     (("loss_fp16", "loss"), ("loss_scale", "loss_scale"), ("grad_norm", "grad_norm"))}
+            print(f"stage 1 fp16: {report['stage1_fp16']}", flush=True)
     return report
 
 
