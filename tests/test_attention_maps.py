@@ -1,10 +1,12 @@
 """Cross-attention maps: they are the probabilities the forward pass really used, they respond to a
 planted key, and `blip2 attention` draws them."""
 
+import math
+
 import pytest
 import torch
 
-from blip2.attention_maps import cross_attention, token_grid
+from blip2.attention_maps import attention_stats, cross_attention, token_grid
 from blip2.cli import main
 from blip2.config import Blip2Config, VisionConfig
 from blip2.model import Blip2
@@ -73,7 +75,8 @@ def test_cli_writes_one_plot_per_image(tmp_path, capsys):
     from PIL import Image
 
     for image, line in zip(images, lines, strict=True):
-        src, png = line.split("\t")
+        src, png, stats = line.split("\t")
+        assert stats.startswith("entropy ") and "queries correlate" in stats
         assert src == image and Image.open(png).size[0] > 100
     with pytest.raises(SystemExit, match="has 1 cross-attention layers"):
         main(["attention", "--model", str(tmp_path / "model"), images[0], "--layer", "3", "--out", str(tmp_path)])
@@ -84,3 +87,15 @@ def test_works_without_retrieval_heads(tokenizer):
     torch.manual_seed(0)
     model = Blip2(Blip2Config(qformer=tiny_qformer(text_branch=False)), None, tokenizer).eval()
     assert cross_attention(model, torch.randn(2, 16, 24)).shape == (1, 2, 4, 4, 16)
+
+
+def test_attention_stats_by_hand():
+    uniform = torch.full((2, 3, 4), 0.25)  # (H, Q, N)
+    assert attention_stats(uniform)["entropy"] == pytest.approx(math.log(4))
+    one_hot = torch.zeros(1, 2, 4)
+    one_hot[0, :, 1] = 1.0  # both queries on token 1: entropy 0, identical maps
+    assert attention_stats(one_hot) == pytest.approx({"entropy": 0.0, "uniform_entropy": math.log(4),
+                                                      "query_correlation": 1.0})
+    apart = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]])  # complementary halves
+    stats = attention_stats(apart)
+    assert stats["entropy"] == pytest.approx(math.log(2)) and stats["query_correlation"] == pytest.approx(-1.0)

@@ -40,6 +40,22 @@ def cross_attention(model: Blip2, image_feats: torch.Tensor) -> torch.Tensor:
     return torch.stack(maps)
 
 
+def attention_stats(maps: torch.Tensor) -> dict[str, float]:
+    """Two numbers for (..., H, Q, N) maps of one layer: how focused a head's map is (mean entropy in
+    nats; log N is uniform) and how alike the queries look (mean Pearson correlation between the
+    head-averaged maps of two different queries; 1 = every query sees the same)."""
+    p = maps.float()
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    per_query = p.mean(-3)  # (..., Q, N)
+    x = per_query - per_query.mean(-1, keepdim=True)
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    corr = x @ x.transpose(-1, -2)  # (..., Q, Q)
+    q = corr.shape[-1]
+    off = ~torch.eye(q, dtype=torch.bool, device=corr.device)
+    return {"entropy": float(entropy), "uniform_entropy": math.log(p.shape[-1]),
+            "query_correlation": float(corr[..., off].mean()) if q > 1 else float("nan")}
+
+
 def token_grid(num_tokens: int) -> tuple[int, int]:
     """(leading non-patch tokens, grid side) for N image tokens: a square grid (a CNN feature map),
     or one class token before a square grid (a ViT)."""
@@ -75,7 +91,7 @@ def plot_attention(image, maps: torch.Tensor, out: str | Path, title: str = "", 
     for ax in axes.flat:
         ax.axis("off")
     cls = f"; class token {per_query[:, :prefix].mean():.0%} of the attention" if prefix else ""
-    fig.suptitle(f"{title} ({side}x{side} grid{cls})".strip(), fontsize=9)
+    fig.suptitle(f"{title} ({side}x{side} grid{cls}; colours stretched per panel)".strip(), fontsize=9)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

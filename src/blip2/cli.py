@@ -311,7 +311,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from blip2.attention_maps import cross_attention, plot_attention
+    from blip2.attention_maps import attention_stats, cross_attention, plot_attention
     from blip2.tasks import CAPTION_DECODE, image_features
     from blip2.vision.transforms import load_rgb
 
@@ -328,7 +328,9 @@ def cmd_attention(args: argparse.Namespace) -> int:
         size = model.vision.preprocess.size
         png = plot_attention(load_rgb(path).resize((size, size)), maps[args.layer, 0].cpu(),
                              out / f"{Path(path).stem}.attention.png", title)
-        print(f"{path}\t{png}")
+        stats = attention_stats(maps[args.layer, 0])
+        print(f"{path}\t{png}\tentropy {stats['entropy']:.2f} of {stats['uniform_entropy']:.2f} (uniform), "
+              f"queries correlate {stats['query_correlation']:.2f}")
     return 0
 
 
