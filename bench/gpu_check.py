@@ -22,7 +22,7 @@ DIR holds a BERT tokenizer (vocab.txt, tokenizer.json, ...; the packaged MiniLM'
    tests/train/test_distributed.py does on the CPU; printed: the largest weight difference.
 3. Timing (`--timing-steps`) on --device: one stage-1 step (ITC + ITM + ITG, AdamW) of a
    BERT-base-size Q-Former (12 x 768, 32 queries) on 257 x 1024 cached features at batch 64, and one
-   stage-2 step through a frozen random 24 x 1024 Llama (~0.3B) at batch 32; seconds per step,
+   stage-2 step through a frozen random 24 x 1024 Llama (~0.3B) at batch 32 (--stage2-batch); seconds per step,
    pairs/s and peak GPU memory, in fp32, TF32 matmuls, bf16 autocast (train.amp=bf16) and bf16
    autocast with the frozen LLM stored in bf16 (llm.precision=bf16), with speed-ups against fp32.
 Each part's failure is recorded in the report and the next part still runs.
@@ -206,8 +206,8 @@ MODES = {"fp32": (False, False, False), "tf32": (True, False, False), "bf16_auto
          "bf16_autocast_llm_bf16": (False, True, True)}
 
 
-def _time_on(dev: torch.device, qc: QFormerConfig, tok, lm_cfg, lm_tok, steps: int, mode: str) -> dict:
-    """Seconds per stage-1 step (batch 64) and per stage-2 step (batch 32) on `dev` in one mode."""
+def _time_on(dev: torch.device, qc: QFormerConfig, tok, lm_cfg, lm_tok, steps: int, mode: str, b2: int) -> dict:
+    """Seconds per stage-1 step (batch 64) and per stage-2 step (batch b2) on `dev` in one mode."""
     import transformers as tf
 
     tf32, amp, llm_bf16 = MODES[mode]
@@ -217,13 +217,13 @@ def _time_on(dev: torch.device, qc: QFormerConfig, tok, lm_cfg, lm_tok, steps: i
     torch.manual_seed(0)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    feats = torch.randn(64, 257, 1024, device=dev)  # (B, N, C) cached features of a ViT-L-size tower
+    feats = torch.randn(max(64, b2), 257, 1024, device=dev)  # (B, N, C) cached features of a ViT-L-size tower
     row = {}
     if not llm_bf16:  # stage 1 has no LLM: the same as the mode before
         s1 = Blip2(Blip2Config(qformer=qc), None, tok).to(dev).train()
         ids, mask = s1.tokenize([text] * 64)
         itc_itm_itg = Stage1Loss(True, True, True)
-        t1 = _seconds_per_step(s1, lambda m: itc_itm_itg(m, feats, ids, mask, torch.arange(64, device=dev),
+        t1 = _seconds_per_step(s1, lambda m: itc_itm_itg(m, feats[:64], ids, mask, torch.arange(64, device=dev),
                                                          gen.manual_seed(0)), steps, dev, amp)
         row.update(stage1_s_per_step=t1, stage1_pairs_per_s=64 / t1)
         del s1
@@ -231,16 +231,16 @@ def _time_on(dev: torch.device, qc: QFormerConfig, tok, lm_cfg, lm_tok, steps: i
     llm = FrozenLM(lm, lm_tok, LLMConfig(max_prompt_len=16, max_text_len=24))
     s2 = Blip2(Blip2Config(qformer=qc, llm=LLMConfig()), None, tok, llm).to(dev).train()
     lm_loss = Stage2Loss()
-    t2 = _seconds_per_step(s2, lambda m: lm_loss(m, feats[:32], [""] * 32, [text] * 32, gen.manual_seed(0)),
+    t2 = _seconds_per_step(s2, lambda m: lm_loss(m, feats[:b2], [""] * b2, [text] * b2, gen.manual_seed(0)),
                            steps, dev, amp)
-    row.update(stage2_s_per_step=t2, stage2_pairs_per_s=32 / t2)
+    row.update(stage2_s_per_step=t2, stage2_pairs_per_s=b2 / t2)
     if dev.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     return row
 
 
-def timing(device: str, tokenizer: str, steps: int) -> dict:
+def timing(device: str, tokenizer: str, steps: int, stage2_batch: int = 32) -> dict:
     import transformers as tf
 
     from blip2.text import load_tokenizer
@@ -254,7 +254,7 @@ def timing(device: str, tokenizer: str, steps: int) -> dict:
     dev = resolve_device(device)
     result = {}
     for mode in MODES if dev.type == "cuda" else ("fp32",):
-        row = _time_on(dev, qc, tok, lm_cfg, lm_tok, steps, mode)
+        row = _time_on(dev, qc, tok, lm_cfg, lm_tok, steps, mode, stage2_batch)
         for stage in ("stage1", "stage2"):
             if f"{stage}_s_per_step" in row:
                 row[f"{stage}_speedup_vs_fp32"] = result.get("fp32", row)[f"{stage}_s_per_step"] / row[
@@ -280,16 +280,19 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write gpu_check.json here")
     p.add_argument("--timing-steps", type=int, default=5, help="0 = skip the timing part")
     p.add_argument("--no-two-processes", dest="two_processes", action="store_false", help="skip part 2")
+    p.add_argument("--no-correctness", dest="correctness", action="store_false", help="skip part 1")
+    p.add_argument("--stage2-batch", type=int, default=32, help="stage-2 batch of the timing part")
     args = p.parse_args()
     info = {"torch": torch.__version__, "device": args.device,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     print(info, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        _part(info, "correctness", correctness, args.device, args.tokenizer, Path(tmp) / "c")
+        if args.correctness:
+            _part(info, "correctness", correctness, args.device, args.tokenizer, Path(tmp) / "c")
         if args.two_processes:
             _part(info, "two_processes", two_processes, args.device, args.tokenizer, Path(tmp) / "d")
     if args.timing_steps:
-        _part(info, "timing", timing, args.device, args.tokenizer, args.timing_steps)
+        _part(info, "timing", timing, args.device, args.tokenizer, args.timing_steps, args.stage2_batch)
     print(json.dumps(info, indent=2))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
