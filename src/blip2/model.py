@@ -297,8 +297,9 @@ class Blip2(nn.Module):
         model = cls.build(cfg, with_vision=with_vision)
         model.load_trainable(load_file(str(directory / WEIGHTS)), source=str(directory / WEIGHTS))
         saved = doc.get("meta", {}).get("vision_fingerprint")
-        if model.vision is not None and saved and saved != model.vision.fingerprint(trained_precision):
+        current = model.vision.fingerprint(trained_precision) if model.vision is not None else None
+        if current and saved and saved != current:
             log.warning("the frozen encoder differs from the one this model was trained with "
-                        "(fingerprint %s != %s): features will not match training", model.vision.fingerprint(), saved)
+                        "(fingerprint %s != %s): features will not match training", current, saved)
         model.meta = doc.get("meta", {})
         return model.eval()  # inference mode, as transformers' from_pretrained; training calls .train()
