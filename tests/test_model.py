@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from blip2.config import Blip2Config, VisionConfig
-from blip2.model import Blip2
+from blip2.model import Blip2, warn_slow_half
 from conftest import tiny_qformer
 
 
@@ -151,3 +151,17 @@ def test_precision_override_casts_only_the_frozen_parts(tmp_path, caplog):
     assert scores[1] == pytest.approx(scores[0], rel=0.02) and scores[1] != scores[0]
     with pytest.raises(ValueError, match="must be one of fp32, fp16, bf16"):
         Blip2.from_dir(tmp_path / "model", precision="int8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_half_precision_on_a_cpu_without_native_support_warns(native, monkeypatch, caplog):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: native)
+    cpu = torch.device("cpu")
+    with caplog.at_level("WARNING", logger="blip2.model"):
+        assert warn_slow_half(cpu, ["none", "bf16", "fp32"]) is (not native)
+        assert warn_slow_half(cpu, ["fp32", "none"]) is False  # full precision never warns
+        assert warn_slow_half(torch.device("cuda"), ["bf16", "fp16"]) is False  # GPUs are not probed
+    assert ("emulated" in caplog.text) is (not native)
+    if not native:
+        assert "bf16" in caplog.text and "fp32" in caplog.text  # names the problem and the fix

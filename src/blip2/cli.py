@@ -66,9 +66,12 @@ def cmd_train_pipeline(args: argparse.Namespace) -> int:
 
 def _load(path: str, device: str = "cpu", precision: str | None = None):
     """A model directory (ours or transformers BLIP-2) on `device`, in eval mode."""
-    from blip2.model import Blip2, resolve_device
+    from blip2.model import Blip2, resolve_device, warn_slow_half
 
-    return Blip2.from_dir(path, precision=precision).to(resolve_device(device)).eval()
+    model = Blip2.from_dir(path, precision=precision)
+    dev = resolve_device(device)
+    warn_slow_half(dev, [model.cfg.vision.precision] + ([model.cfg.llm.precision] if model.cfg.llm else []))
+    return model.to(dev).eval()
 
 
 def _load_generator(path: str, device: str = "cpu", precision: str | None = None):

@@ -143,3 +143,15 @@ def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path):
     again = train_pipeline(load_recipe(path, overrides, PipelineRecipe), tmp_path / "p", progress=False)
     assert again["stage2"]["steps"] == 5
     assert (tmp_path / "p" / "stage2" / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_length_grouped_batches_change_the_run_and_resume_exactly(setup, tmp_path):
+    grouped = ["train.group_by_length=2"]
+    train(_recipe(setup), tmp_path / "plain", progress=False)
+    train(_recipe(setup, grouped), tmp_path / "full", progress=False)
+    assert train(_recipe(setup, grouped), tmp_path / "cut", stop_after=3, progress=False) == {"stopped_at": 3}
+    train(_recipe(setup, grouped), tmp_path / "cut", progress=False)
+    weights = {name: load_file(str(tmp_path / name / "model" / "model.safetensors"))
+               for name in ("plain", "full", "cut")}
+    assert all(weights["full"][k].equal(weights["cut"][k]) for k in weights["full"])
+    assert not weights["full"]["llm_proj.weight"].equal(weights["plain"]["llm_proj.weight"])  # other batches

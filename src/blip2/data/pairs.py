@@ -38,19 +38,38 @@ class Batch:
 class EpochSampler:
     """Shuffles pair indices once per epoch from (seed, epoch); its state is (epoch, pos).
 
-    The last incomplete batch of an epoch is dropped so every step sees a full batch.
+    The last incomplete batch of an epoch is dropped so every step sees a full batch. With
+    `lengths` and `group` > 0, each window of `group` consecutive batches of the shuffle is sorted
+    by length before it is cut into batches, and the batches are shuffled again: every batch then
+    holds texts of similar length, so padding wastes less compute (stage 2: ~20% fewer LLM tokens
+    on Flickr8k), while the epoch still visits every pair once in a seeded random order.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: list[int] | None = None, group: int = 0):
         if n < batch_size:
             raise ValueError(f"only {n} training pairs for batch size {batch_size}")
+        if group and (lengths is None or len(lengths) != n):
+            raise ValueError("grouping by length needs one length per pair")
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.lengths = torch.tensor(lengths) if group and lengths is not None else None
+        self.group = group
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.n, generator=g)
+        perm = torch.randperm(self.n, generator=g)
+        if self.lengths is None:
+            return perm
+        full = self.n // self.batch_size * self.batch_size  # the dropped remainder stays last
+        window = self.group * self.batch_size
+        chunks = []
+        for start in range(0, full, window):
+            part = perm[start:min(start + window, full)]
+            chunks.append(part[self.lengths[part].argsort(stable=True)])  # ties keep the shuffled order
+        batches = torch.cat(chunks).view(-1, self.batch_size)
+        batches = batches[torch.randperm(batches.shape[0], generator=g)]
+        return torch.cat([batches.flatten(), perm[full:]])
 
     def next(self) -> torch.Tensor:
         if self.pos + self.batch_size > self.n:

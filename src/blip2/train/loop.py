@@ -24,7 +24,7 @@ from blip2.data.pairs import EpochSampler, Pairs
 from blip2.data.records import ImageRecord, has_splits, load_records
 from blip2.io import read_json, write_json
 from blip2.losses import Stage1Loss, Stage2Loss
-from blip2.model import CONFIG, WEIGHTS, Blip2, resolve_device
+from blip2.model import CONFIG, WEIGHTS, Blip2, resolve_device, warn_slow_half
 from blip2.qformer import load_bert_init
 from blip2.train import checkpoint
 from blip2.train.distributed import World
@@ -251,6 +251,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
                              "directory or the recipe saved in its config.json")
         recipe.model = saved.model
 
+    frozen = [recipe.model.vision.precision] + ([recipe.model.llm.precision] if recipe.model.llm else [])
+    warn_slow_half(device, [tc.amp, *frozen])
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     model = Blip2.build(recipe.model)
@@ -264,7 +266,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         report_skipped(skipped, out)
     # One sampler over the global batch on every rank (same seed): its state is independent of the
     # number of processes, so a run can resume on a different one.
-    sampler = EpochSampler(len(pairs), tc.batch_size, tc.seed)
+    lengths = [len(p) + len(t) for _, p, t in pairs.pairs] if tc.group_by_length else None  # characters
+    sampler = EpochSampler(len(pairs), tc.batch_size, tc.seed, lengths, tc.group_by_length)
     mult = recipe.stage2.prompt_lr_mult if stage == 2 else 1.0
     optimizer = build_optimizer(model, tc, {"llm_proj.": mult, "qformer.query_tokens": mult} if mult != 1.0 else None)
     objective = objective_for(recipe, world)
