@@ -128,7 +128,7 @@ class LLMConfig:
     # cached safetensors copy), or a local transformers directory holding a causal or seq2seq LM.
     path: str = PACKAGED
     # Compute precision of the frozen LLM: fp32, fp16 or bf16 (bf16 on a CPU only with native bf16,
-    # e.g. AVX512-BF16 or AMX: there it trains stage 2 1.4x faster; elsewhere fp32).
+    # e.g. AVX512-BF16 or AMX: there it trains stage 2 1.3x faster; elsewhere fp32).
     precision: str = "fp32"
     # Longest prompt and target (caption / answer) in LLM tokens; longer ones are truncated.
     max_prompt_len: int = 32
