@@ -70,7 +70,7 @@ def _load(path: str, device: str = "cpu", precision: str | None = None):
 
     model = Blip2.from_dir(path, precision=precision)
     dev = resolve_device(device)
-    warn_slow_half(dev, [model.cfg.vision.precision] + ([model.cfg.llm.precision] if model.cfg.llm else []))
+    warn_slow_half(dev, model.cfg.frozen_precisions)
     return model.to(dev).eval()
 
 

@@ -154,6 +154,11 @@ class Blip2Config:
     # The frozen LLM of stage 2 (None = a stage-1 model: retrieval and matching only).
     llm: LLMConfig | None = None
 
+    @property
+    def frozen_precisions(self) -> list[str]:
+        """The precisions of the frozen parts (encoder, and LLM when there is one)."""
+        return [self.vision.precision] + ([self.llm.precision] if self.llm is not None else [])
+
 
 @dataclass
 class Stage1LossConfig:

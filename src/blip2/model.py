@@ -63,7 +63,7 @@ def warn_slow_half(device: torch.device, precisions: list[str]) -> bool:
     """Log a warning when bf16/fp16 is asked for on a CPU that emulates it; returns whether it did.
 
     On CPUs with native bf16 (AVX512-BF16, AMX) bf16 matmuls run 2-4x faster than fp32, and the
-    Flickr8k steps 1.4-1.6x; elsewhere oneDNN falls back to slow conversions, so fp32 is faster.
+    Flickr8k steps 1.3-1.6x; elsewhere oneDNN falls back to slow conversions, so fp32 is faster.
     """
     if device.type != "cpu":
         return False

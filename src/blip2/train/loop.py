@@ -251,8 +251,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
                              "directory or the recipe saved in its config.json")
         recipe.model = saved.model
 
-    frozen = [recipe.model.vision.precision] + ([recipe.model.llm.precision] if recipe.model.llm else [])
-    warn_slow_half(device, [tc.amp, *frozen])
+    warn_slow_half(device, [tc.amp, *recipe.model.frozen_precisions])
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     model = Blip2.build(recipe.model)
