@@ -14,7 +14,8 @@ def test_help_lists_subcommands(capsys):
 
 @pytest.mark.parametrize("argv", [["train", "stage1", "--help"], ["train", "stage2", "--help"],
                                   ["eval", "retrieval", "--help"], ["eval", "caption", "--help"],
-                                  ["eval", "vqa", "--help"], ["caption", "--help"], ["ask", "--help"],
+                                  ["eval", "vqa", "--help"], ["eval", "compare", "--help"], ["caption", "--help"],
+                                  ["ask", "--help"],
                                   ["chat", "--help"], ["quickstart", "--help"], ["scenes", "--help"]])
 def test_each_subcommand_has_help(argv, capsys):
     with pytest.raises(SystemExit) as e:

@@ -164,6 +164,14 @@ def cmd_eval_vqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from blip2.eval.significance import compare_prediction_files, format_comparison
+
+    result = compare_prediction_files(args.a, args.b, args.resamples, args.seed)
+    print(json.dumps(result) if args.json else format_comparison(result))
+    return 0
+
+
 def _print_result(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
@@ -449,6 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev_vqa.add_argument("--max-questions", type=int, default=None)
     _decode_args(ev_vqa)
     ev_vqa.set_defaults(func=cmd_eval_vqa)
+
+    cmp_ = ev.add_parser("compare", help="is caption model A better than B? paired bootstrap of two --predictions "
+                         "files (BLEU-1..4, ROUGE-L, CIDEr intervals for A - B)")
+    cmp_.add_argument("a", help="predictions JSONL of model A (blip2 eval caption --predictions)")
+    cmp_.add_argument("b", help="predictions JSONL of model B, same images in the same order")
+    cmp_.add_argument("--resamples", type=int, default=2000)
+    cmp_.add_argument("--seed", type=int, default=0)
+    cmp_.add_argument("--json", action="store_true", help="print one JSON object")
+    cmp_.set_defaults(func=cmd_eval_compare)
 
     sc = sub.add_parser("scenes", help="write the procedural shapes dataset")
     sc.add_argument("--out", required=True)
