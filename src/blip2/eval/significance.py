@@ -96,7 +96,6 @@ def paired_bootstrap(references: Sequence[Sequence[str]], cand_a: Sequence[str],
 
     parts_a, parts_b = per_image(res_a), per_image(res_b)
     rng = np.random.default_rng(seed)
-    draws = rng.multinomial(n_img, np.full(n_img, 1.0 / n_img), size=resamples).astype(np.float64)  # (R, N)
     everything = np.ones((1, n_img))
 
     def scores(parts: tuple[np.ndarray, np.ndarray, np.ndarray], weights: np.ndarray) -> np.ndarray:
@@ -106,7 +105,12 @@ def paired_bootstrap(references: Sequence[Sequence[str]], cand_a: Sequence[str],
         return np.concatenate(out, axis=1)  # (R, 6): bleu1..4, rouge_l, cider
 
     full_a, full_b = scores(parts_a, everything)[0], scores(parts_b, everything)[0]
-    diff = scores(parts_a, draws) - scores(parts_b, draws)  # (R, 6)
+    diffs = []
+    for start in range(0, resamples, 256):  # (256, N) draw counts at a time keeps memory flat for big splits
+        draws = rng.multinomial(n_img, np.full(n_img, 1.0 / n_img), size=min(256, resamples - start))
+        draws = draws.astype(np.float64)  # (r, N): how often each image is drawn
+        diffs.append(scores(parts_a, draws) - scores(parts_b, draws))
+    diff = np.concatenate(diffs)  # (R, 6)
     names = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"]
     out: dict[str, Any] = {"num_images": n_img, "resamples": resamples, "seed": seed}
     for j, name in enumerate(names):
