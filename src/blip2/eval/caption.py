@@ -21,6 +21,13 @@ from blip2.tasks import VQA_DECODE
 log = logging.getLogger(__name__)
 
 
+def ptb_tokenize(texts: dict[int, list[str]]) -> dict[int, list[str]]:
+    """Captions per id through the COCO PTB tokenizer (Java): lower-cased, punctuation removed."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in texts.items()})
+
+
 def caption_metrics(references: dict[int, list[str]], candidates: dict[int, str]) -> dict[str, float]:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (x100, as papers report them) with pycocoevalcap.
 
@@ -31,13 +38,11 @@ def caption_metrics(references: dict[int, list[str]], candidates: dict[int, str]
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     if set(references) != set(candidates):
         raise ValueError("references and candidates must cover the same ids")
-    tok = PTBTokenizer()
-    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
-    res = tok.tokenize({k: [{"caption": v}] for k, v in candidates.items()})
+    gts = ptb_tokenize(references)
+    res = ptb_tokenize({k: [v] for k, v in candidates.items()})
     out: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     for n, b in enumerate(bleu, 1):

@@ -81,12 +81,9 @@ def paired_bootstrap(references: Sequence[Sequence[str]], cand_a: Sequence[str],
     res_a = {i: [c] for i, c in enumerate(cand_a)}
     res_b = {i: [c] for i, c in enumerate(cand_b)}
     if not tokenized:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        from blip2.eval.caption import ptb_tokenize
 
-        tok = PTBTokenizer()
-        gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
-        res_a = tok.tokenize({k: [{"caption": v[0]}] for k, v in res_a.items()})
-        res_b = tok.tokenize({k: [{"caption": v[0]}] for k, v in res_b.items()})
+        gts, res_a, res_b = ptb_tokenize(gts), ptb_tokenize(res_a), ptb_tokenize(res_b)
 
     def per_image(res: dict[int, list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bleu = np.stack([bleu_stats(gts[i], res[i][0]) for i in range(n_img)])  # (N, 10)
