@@ -188,6 +188,44 @@ def test_retrieval_export_round_trip(tmp_path):
     assert torch.allclose(itm, ref.logits_per_image, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("lm", ["opt", "llama", "t5"])
+def test_any_encoder_runs_inside_transformers_classes(lm, tokenizer):
+    """A non-ViT encoder has no transformers format, but `to_transformers(any_encoder=True)` runs
+    transformers' own Q-Former, projection, LM and generate() on its features: same soft prompt,
+    same greedy and beam tokens as ours."""
+    from blip2.config import Blip2Config, LLMConfig
+    from blip2.interop.hf import EncoderAsVisionModel, to_transformers
+    from blip2.llm import FrozenLM
+    from conftest import TinyEncoder, tiny_qformer
+
+    model = LMS[lm]()
+    if lm == "t5":  # transformers 5 always ties T5's embeddings and head: an untied one is refused
+        llm = FrozenLM(model, tiny_lm_tokenizer(), LLMConfig())
+        ours = Blip2(Blip2Config(qformer=tiny_qformer(num_queries=Q), llm=LLMConfig()), TinyEncoder(), tokenizer, llm)
+        with pytest.raises(ValueError, match="shared.weight changes"):
+            to_transformers(ours, any_encoder=True)
+        with torch.no_grad():
+            model.shared.weight.copy_(model.lm_head.weight)
+    llm = FrozenLM(model, tiny_lm_tokenizer(), LLMConfig())
+    ours = Blip2(Blip2Config(qformer=tiny_qformer(num_queries=Q), llm=LLMConfig()), TinyEncoder(), tokenizer,
+                 llm).eval()
+    for i, part in enumerate((ours.qformer, ours.ln_vision, ours.llm_proj)):
+        _randomise(part, seed=10 + i)
+    hf, tok = to_transformers(ours, any_encoder=True)
+    assert isinstance(hf.vision_model, EncoderAsVisionModel) and tok.convert_tokens_to_ids("<image>") == IMAGE_ID
+    pixels = _pixels()
+    with torch.no_grad():
+        soft = ours.soft_prompt(ours.image_features(pixels))
+        assert torch.allclose(hf.get_image_features(pixel_values=pixels).pooler_output, soft, atol=1e-5, rtol=0)
+    prompts = [[3, 4], [5, 6], [9, 7]]
+    for beams in (1, 4):
+        cfg = DecodeConfig(num_beams=beams, max_new_tokens=6, min_new_tokens=1)
+        mine = generate_ids(ours.llm, soft, prompts, cfg)
+        assert mine == _hf_generate(hf, pixels, prompts, cfg, ours.llm) and any(mine)
+    with pytest.raises(ValueError, match="any_encoder=True"):
+        to_transformers(ours)
+
+
 def test_export_refuses_what_transformers_cannot_represent(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="blip_2_vision_model"):
         save_hf(tiny_model, tmp_path / "out")

@@ -243,16 +243,7 @@ def save_hf(model, out: str | Path) -> str:
     """
     import transformers as tf
 
-    hf_cfg, cls_name, tokenizer = _export_config(model)
-    hf_model = getattr(tf, cls_name)(hf_cfg).eval()
-    state = _export_state(model, hf_model)
-    missing, unexpected = hf_model.load_state_dict(state, strict=False)
-    if unexpected or missing:
-        raise KeyError(f"export to {cls_name}: {len(missing)} missing {missing[:8]}, {len(unexpected)} "
-                       f"unexpected {unexpected[:8]}")
-    if model.llm is not None:
-        image_id = hf_cfg.image_token_index
-        hf_model.generation_config.suppress_tokens = [image_id]
+    hf_model, tokenizer = to_transformers(model)
     image_processor = tf.BlipImageProcessor(
         size={"height": model.cfg.vision.image_size, "width": model.cfg.vision.image_size},
         image_mean=list(model.vision.preprocess.mean), image_std=list(model.vision.preprocess.std),
@@ -261,28 +252,93 @@ def save_hf(model, out: str | Path) -> str:
     with atomic_dir(out) as tmp:
         hf_model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-    return cls_name
+    return type(hf_model).__name__
 
 
-def _export_config(model) -> tuple[Any, str, Any]:
+def to_transformers(model, any_encoder: bool = False) -> tuple[nn.Module, Any]:
+    """Our model as transformers' own BLIP-2 class, in memory, with the same weights: (model, tokenizer).
+
+    transformers' classes take only their BLIP-2 ViT. With `any_encoder=True` another frozen encoder
+    of ours (EfficientNet-Lite0, a CLIP tower, ...) is put where that ViT goes (`EncoderAsVisionModel`),
+    so transformers' own Q-Former, projection, LM and `generate` run on our encoder's features: the
+    reference for parity checks and benchmarks of models transformers could not otherwise load.
+    Such a model cannot be saved in transformers' format (`save_hf` refuses it).
+    """
+    import transformers as tf
+
+    cfg, cls_name, tokenizer = _export_config(model, any_encoder)
+    hf_model = getattr(tf, cls_name)(cfg).eval()
+    if not _is_hf_vit(model.vision):
+        hf_model.vision_model = EncoderAsVisionModel(model.vision, model.cfg.qformer.ln_vision_eps)
+    missing, unexpected = hf_model.load_state_dict(_export_state(model, hf_model), strict=False)
+    if unexpected or missing:
+        raise KeyError(f"export to {cls_name}: {len(missing)} missing {missing[:8]}, {len(unexpected)} "
+                       f"unexpected {unexpected[:8]}")
+    if model.llm is not None:
+        _check_lm_kept(model.llm.model, hf_model.language_model)
+        hf_model.generation_config.suppress_tokens = [cfg.image_token_index]
+    return hf_model.eval(), tokenizer
+
+
+def _check_lm_kept(ours: nn.Module, theirs: nn.Module) -> None:
+    """transformers re-ties weights its config declares tied (T5 always ties its embeddings and head
+    in transformers 5): an LM whose tied copies differ would change silently, so refuse it."""
+    target = theirs.state_dict()
+    for k, t in ours.state_dict().items():
+        got = target[k][: t.shape[0]] if target[k].shape != t.shape else target[k]  # grown by the <image> row
+        if not torch.equal(got.to(t.dtype), t):
+            raise ValueError(f"the LM's {k} changes in transformers' {type(theirs).__name__}: its config ties "
+                             "weights that differ in this model, so transformers cannot represent it")
+
+
+class EncoderAsVisionModel(nn.Module):
+    """A frozen encoder of ours in the place of transformers' BLIP-2 ViT: pixels (B, 3, S, S) ->
+    last_hidden_state = post_layernorm(features) (B, T, C), which is what the ViT hands its Q-Former
+    (our `ln_vision` is transformers' `vision_model.post_layernorm`)."""
+
+    def __init__(self, encoder: nn.Module, eps: float):
+        import copy
+
+        super().__init__()
+        self.encoder = copy.deepcopy(encoder)  # its own copy: moving or casting it leaves ours alone
+        self.post_layernorm = nn.LayerNorm(encoder.feature_dim, eps=eps)
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        feats = self.post_layernorm(self.encoder(pixel_values))  # (B, T, C)
+        return BaseModelOutputWithPooling(last_hidden_state=feats, pooler_output=feats[:, 0])
+
+
+def _is_hf_vit(vision: nn.Module | None) -> bool:
+    from blip2.vision.hf import HFVisionEncoder
+
+    return isinstance(vision, HFVisionEncoder) and vision.model.config.model_type == "blip_2_vision_model"
+
+
+def _export_config(model, any_encoder: bool = False) -> tuple[Any, str, Any]:
     import copy
 
     import transformers as tf
 
-    from blip2.vision.hf import HFVisionEncoder
+    vision, qc = model.vision, model.cfg.qformer
+    if _is_hf_vit(vision):
+        vcfg = copy.deepcopy(vision.model.config)  # kept layers only: our features are the last kept layer's
+        if qc.ln_vision_eps != vcfg.layer_norm_eps:  # transformers has one epsilon for all of its ViT's norms
+            log.warning("ln_vision eps %g becomes %g (post_layernorm shares the ViT's epsilon in transformers); "
+                        "outputs change by rounding only", qc.ln_vision_eps, vcfg.layer_norm_eps)
+    elif any_encoder and vision is not None:  # a placeholder the size of our features, replaced after building
+        vcfg = tf.Blip2VisionConfig(hidden_size=vision.feature_dim, intermediate_size=1, num_hidden_layers=0,
+                                    num_attention_heads=1, image_size=16, patch_size=16,
+                                    layer_norm_eps=qc.ln_vision_eps)
+    else:
+        from blip2.vision.hf import HFVisionEncoder
 
-    vision = model.vision
-    if not isinstance(vision, HFVisionEncoder) or vision.model.config.model_type != "blip_2_vision_model":
-        kind = model.cfg.vision.name if vision is None or not isinstance(vision, HFVisionEncoder) else \
-            vision.model.config.model_type
+        kind = vision.model.config.model_type if isinstance(vision, HFVisionEncoder) else model.cfg.vision.name
+        hint = (" or was built without its vision tower (build it with_vision=True)" if vision is None else
+                "; to run it with transformers' classes in memory: to_transformers(model, any_encoder=True)")
         raise ValueError(f"transformers' BLIP-2 classes take only their own ViT (blip_2_vision_model); this model's "
-                         f"frozen encoder is {kind!r}" + (" or was built without its vision tower (build it "
-                                                          "with_vision=True)" if vision is None else ""))
-    qc = model.cfg.qformer
-    vcfg = copy.deepcopy(vision.model.config)  # kept layers only: our features are the last kept layer's
-    if qc.ln_vision_eps != vcfg.layer_norm_eps:  # transformers has one epsilon for all of its ViT's norms
-        log.warning("ln_vision eps %g becomes %g (post_layernorm shares the ViT's epsilon in transformers); "
-                    "outputs change by rounding only", qc.ln_vision_eps, vcfg.layer_norm_eps)
+                         f"frozen encoder is {kind!r}{hint}")
     qformer_cfg = tf.Blip2QFormerConfig(
         vocab_size=qc.vocab_size, hidden_size=qc.hidden_size, num_hidden_layers=qc.num_layers,
         num_attention_heads=qc.num_heads, intermediate_size=qc.intermediate_size,
@@ -318,9 +374,13 @@ def _export_state(model, hf_model: nn.Module) -> dict[str, torch.Tensor]:
         name = hf_key(ours)
         if name is not None and name in target:
             state[name] = t
-    for k, t in model.vision.model.state_dict().items():
-        if not k.startswith("post_layernorm."):
-            state[VISION + k] = t
+    if isinstance(hf_model.vision_model, EncoderAsVisionModel):
+        for k, t in model.vision.state_dict().items():
+            state[VISION + "encoder." + k] = t
+    else:
+        for k, t in model.vision.model.state_dict().items():
+            if not k.startswith("post_layernorm."):
+                state[VISION + k] = t
     if model.llm is not None:
         for k, t in model.llm.model.state_dict().items():
             want = target[LM + k].shape
