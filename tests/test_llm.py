@@ -83,3 +83,26 @@ def test_t5_path_trains_through_the_soft_prompt():
         losses.append(loss.item())
     # from a peaky random start (~19 nats) to well below uniform guessing (ln 32 = 3.47 nats)
     assert losses[-1] < 0.8 * math.log(32) and losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+
+
+def test_prefill_projects_the_last_positions_as_one_matrix(tiny_lm):
+    """`start` keeps only the last position's logits; the vocabulary projection must get them as a
+    contiguous (B, 1, H) block (a strided view makes torch run B separate products over the whole
+    weight), and the logits must equal a full forward's at each row's last real position."""
+    seen = []
+    head = tiny_lm.model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    soft = torch.randn(3, 2, tiny_lm.hidden_size)
+    prompts = [[3, 4, 5], [6], []]
+    state = tiny_lm.start(soft, prompts)
+    handle.remove()
+    assert seen and all(seen)
+    for i, p in enumerate(prompts):  # one row at a time, no padding, every position's logits
+        if tiny_lm.is_encoder_decoder:
+            embeds, mask = tiny_lm._with_soft(soft[i:i + 1], [p], left_pad=False)
+            full = tiny_lm.model(inputs_embeds=embeds, attention_mask=mask,
+                                 decoder_input_ids=torch.tensor([[tiny_lm.start_id]])).logits[0, -1]
+        else:
+            embeds = torch.cat([soft[i:i + 1], tiny_lm.embed(torch.tensor([p], dtype=torch.long))], dim=1)
+            full = tiny_lm.model(inputs_embeds=embeds).logits[0, -1]
+        assert torch.allclose(state.logits[i], full.float(), atol=1e-5, rtol=0)

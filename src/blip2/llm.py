@@ -132,6 +132,9 @@ class FrozenLM(nn.Module):
         params = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in params
         self._takes_positions = "position_ids" in params
+        head = model.get_output_embeddings()
+        if self._keeps_logits and head is not None:
+            head.register_forward_pre_hook(_contiguous_input)
 
     def train(self, mode: bool = True) -> FrozenLM:
         return super().train(False)  # frozen means eval mode forever (no dropout)
@@ -282,6 +285,13 @@ class FrozenLM(nn.Module):
             state.logits = out.logits[:, -1].float()
             state.history = torch.zeros(soft.shape[0], 0, dtype=torch.long, device=soft.device)
             return state
+
+
+def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`logits_to_keep` hands the vocabulary projection a strided (B, 1, H) view of the last
+    positions; torch then runs it as B matrix-vector products that each read the whole (V, H)
+    weight (32 prompts, SmolLM2: 151 ms) instead of one (B, H) x (H, V) product (~30 ms)."""
+    return (args[0].contiguous(), *args[1:])
 
 
 class DecodeState:
