@@ -1,8 +1,8 @@
 """Ours vs transformers' BLIP-2 classes on identical weights, both measured in the same run.
 
-    python bench/vs_transformers.py [--models tiny,default] [--batches 1,8,32] [--max-new-tokens 30]
-                                    [--device cpu|cuda] [--lm-tokenizer DIR]
-                                    [--qformer-tokenizer DIR]
+    python bench/vs_transformers.py [--models tiny,default,MODEL_DIR] [--batches 1,8,32]
+                                    [--max-new-tokens 30] [--device cpu|cuda] [--lm-tokenizer DIR]
+                                    [--qformer-tokenizer DIR] [--images KARPATHY_JSON]
 
 For each model a transformers checkpoint is written to a temporary directory; transformers loads it
 with its own classes, ours imports the same directory (`Blip2.from_dir`). Then:
@@ -15,6 +15,13 @@ with its own classes, ours imports the same directory (`Blip2.from_dir`). Then:
     ViT and Q-Former for every row, ours once per image;
   * ITM re-ranking: pairs/s of `Blip2ForImageTextRetrieval(use_image_text_matching_head=True)` vs
     ours scoring 32 captions against one image; the ITM logits must agree to 1e-4.
+
+A model name that is a directory is a trained model of ours with any frozen encoder (e.g. the
+default EfficientNet-Lite0 + MiniLM Q-Former + SmolLM2 model that `recipes/flickr8k-cpu.yaml`
+trains): transformers gets it through `to_transformers(model, any_encoder=True)`, i.e. its own
+Q-Former, projection, LM and generate() with our encoder in the ViT's place. It captions real
+images (`--images`, Karpathy JSON, val split) with the prompt it was trained with, so captions end
+at their natural length, as in use; VQA timing uses the same images; ITM is not run for it.
 
 Models: "tiny" = a tiny-but-realistic random config (ViT 4x256 at 224 px, Q-Former 4x256 with 32
 queries, OPT-style 6x512 LM with a 50k vocabulary); "default" = the packaged SmolLM2-135M (real
@@ -135,27 +142,41 @@ def ours_generate(ours, pixels, prompt_ids, cfg: DecodeConfig) -> list[list[int]
     return generate_ids(ours.llm, ours.soft_prompt(ours.image_features(pixels)), prompt_ids, cfg)
 
 
-def bench_captioning(hf, ours, batches, max_new, repeats, prompt: str = "a photo of") -> list[dict]:
+def real_pixels(model, annotations: str, n: int) -> torch.Tensor:
+    """The first n val images of a Karpathy JSON, preprocessed for the model's encoder: (n, 3, S, S)."""
+    from blip2.data.records import load_records
+    from blip2.vision.transforms import eval_transform, load_rgb
+
+    recs = load_records(annotations, split="val")[:n]
+    return torch.stack([eval_transform(load_rgb(r.path), model.vision.preprocess) for r in recs])
+
+
+def bench_captioning(hf, ours, batches, max_new, repeats, prompt: str = "a photo of",
+                     images: torch.Tensor | None = None) -> list[dict]:
     rows = []
     p_ids = ours.llm.encode_prompts([prompt])[0]
-    image_id = hf.config.image_token_index
+    image_id, q = hf.config.image_token_index, hf.config.num_query_tokens
     for decode in ("greedy", "beam5"):
         cfg = DecodeConfig(num_beams=1 if decode == "greedy" else 5, max_new_tokens=max_new,
                            min_new_tokens=min(8, max_new))  # the captioning defaults
         for b in batches:
-            pixels = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b)).to(ours.device)
-            ids = torch.tensor([[image_id] * Q + p_ids] * b, device=ours.device)
+            if images is None:
+                pixels = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b)).to(ours.device)
+            else:
+                pixels = images[:b].to(ours.device)
+            ids = torch.tensor([[image_id] * q + p_ids] * b, device=ours.device)
             with torch.no_grad():
                 t_hf, out_hf = timed(partial(hf_generate, hf, pixels, ids, cfg, ours.llm.eos_id, ours.llm.pad_id),
                                      repeats)
                 t_us, out_us = timed(partial(ours_generate, ours, pixels, [p_ids] * b, cfg), repeats)
             rows.append({"task": "caption", "decode": decode, "batch": b, "transformers_img_s": b / t_hf,
-                         "ours_img_s": b / t_us, "speedup": t_hf / t_us, "identical_tokens": out_hf == out_us})
+                         "ours_img_s": b / t_us, "speedup": t_hf / t_us, "identical_tokens": out_hf == out_us,
+                         "mean_new_tokens": sum(map(len, out_us)) / b})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def bench_questions(hf, ours, n_images, n_questions, max_new, repeats) -> dict:
+def bench_questions(hf, ours, n_images, n_questions, max_new, repeats, images: torch.Tensor | None = None) -> dict:
     """Several prompts about one image: transformers encodes the image once per row, ours once."""
     from blip2.tasks import vqa_prompt
 
@@ -165,14 +186,17 @@ def bench_questions(hf, ours, n_images, n_questions, max_new, repeats) -> dict:
     questions = (questions * n_questions)[:n_questions]
     p_ids = ours.llm.encode_prompts(questions)
     width = max(len(p) for p in p_ids)
-    image_id = hf.config.image_token_index
+    image_id, q = hf.config.image_token_index, hf.config.num_query_tokens
     pad = ours.llm.pad_id
-    pixels = torch.randn(n_images, 3, 224, 224, generator=torch.Generator().manual_seed(7)).to(ours.device)
+    if images is None:
+        pixels = torch.randn(n_images, 3, 224, 224, generator=torch.Generator().manual_seed(7)).to(ours.device)
+    else:
+        pixels = images[:n_images].to(ours.device)
     rows_px = pixels.repeat_interleave(n_questions, 0)
     # transformers: left-padded [pads | image tokens | question] rows
-    ids = torch.tensor([[pad] * (width - len(p)) + [image_id] * Q + p for _ in range(n_images) for p in p_ids],
+    ids = torch.tensor([[pad] * (width - len(p)) + [image_id] * q + p for _ in range(n_images) for p in p_ids],
                        device=ours.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * (Q + len(p)) for _ in range(n_images) for p in p_ids],
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * (q + len(p)) for _ in range(n_images) for p in p_ids],
                         device=ours.device)
     cfg = DecodeConfig(num_beams=5, max_new_tokens=max_new, min_new_tokens=1, length_penalty=-1.0)
 
@@ -231,6 +255,8 @@ def main() -> None:
     ap.add_argument("--lm-tokenizer", default=None,
                     help="tokenizer directory for the tiny model's LM (default: the packaged SmolLM2's)")
     ap.add_argument("--qformer-tokenizer", default="packaged", help="BERT tokenizer directory for the ITM model")
+    ap.add_argument("--images", default="../shared/data/flickr8k/dataset_flickr8k.json",
+                    help="Karpathy JSON whose val images a trained model (a MODEL_DIR in --models) captions")
     args = ap.parse_args()
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
@@ -241,6 +267,9 @@ def main() -> None:
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}; best of {args.repeats}")
     batches = [int(b) for b in args.batches.split(",")]
     for name in args.models.split(","):
+        if Path(name).is_dir():
+            bench_trained(Path(name), device, batches, args)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             gen_dir, ret_dir = build_checkpoints(name, Path(tmp), args.lm_tokenizer, args.qformer_tokenizer)
             hf = tf.Blip2ForConditionalGeneration.from_pretrained(gen_dir).to(device).eval()
@@ -251,11 +280,32 @@ def main() -> None:
             rows.append(bench_questions(hf, ours, 2, 4, 10, args.repeats))
             ret_hf = tf.Blip2ForImageTextRetrieval.from_pretrained(ret_dir).to(device).eval()
             rows.append(bench_itm(ret_hf, Blip2.from_dir(ret_dir).to(device), 32, args.repeats))
-            print(f"## summary {name}")
-            for r in rows:
-                ok = r.get("identical_tokens", r.get("max_abs_logit_diff", 0) < 1e-4)
-                print(f"{r['task']:<24} {r.get('decode', ''):<7} batch {r['batch']:>3}  ours/transformers "
-                      f"{r['speedup']:.2f}x  outputs {'identical' if ok is True else ok}")
+            summarise(name, rows)
+
+
+def bench_trained(directory: Path, device: torch.device, batches: list[int], args) -> None:
+    """A trained model of ours (any encoder) against transformers' classes holding the same weights."""
+    from blip2.interop.hf import to_transformers
+
+    ours = Blip2.from_dir(directory, precision="fp32").to(device)
+    hf = to_transformers(ours, any_encoder=True)[0].to(device)
+    prompt = ours.meta.get("recipe", {}).get("stage2", {}).get("caption_prompt", "")
+    images = real_pixels(ours, args.images, max(batches))
+    print(f"## model {directory}: encoder {ours.cfg.vision.name}, {ours.cfg.qformer.num_queries} queries, LM "
+          f"{hf.config.text_config.model_type} {sum(p.numel() for p in hf.language_model.parameters()) / 1e6:.0f}M "
+          f"params; caption prompt {prompt!r}; {len(images)} val images of {args.images}")
+    rows = bench_captioning(hf, ours, batches, args.max_new_tokens, args.repeats, prompt, images)
+    rows.append(bench_questions(hf, ours, 2, 4, 10, args.repeats, images))
+    summarise(str(directory), rows)
+
+
+def summarise(name: str, rows: list[dict]) -> None:
+    print(f"## summary {name}")
+    for r in rows:
+        ok = r.get("identical_tokens", r.get("max_abs_logit_diff", 0) < 1e-4)
+        length = f"  {r['mean_new_tokens']:.1f} tokens/caption" if "mean_new_tokens" in r else ""
+        print(f"{r['task']:<24} {r.get('decode', ''):<7} batch {r['batch']:>3}  ours/transformers "
+              f"{r['speedup']:.2f}x  outputs {'identical' if ok is True else ok}{length}")
 
 
 if __name__ == "__main__":
