@@ -17,6 +17,8 @@ name -> theirs, applied in both directions. Layout facts the map encodes:
 The vision tower (`vision_model.*`, read by `blip2.vision.hf`) and the LM (`language_model.*`,
 `load_language_model`) are loaded from the same directory. transformers has no ITG head and no
 learned temperature: imported models keep those freshly initialised (listed in `model.meta`).
+`to_transformers` builds transformers' class from ours in memory (`save_hf` writes it); with
+`any_encoder=True` it also takes models whose encoder is not transformers' ViT.
 """
 
 from __future__ import annotations
