@@ -145,10 +145,9 @@ def ours_generate(ours, pixels, prompt_ids, cfg: DecodeConfig) -> list[list[int]
 def real_pixels(model, annotations: str, n: int) -> torch.Tensor:
     """The first n val images of a Karpathy JSON, preprocessed for the model's encoder: (n, 3, S, S)."""
     from blip2.data.records import load_records
-    from blip2.vision.transforms import eval_transform, load_rgb
+    from blip2.tasks import load_pixels
 
-    recs = load_records(annotations, split="val")[:n]
-    return torch.stack([eval_transform(load_rgb(r.path), model.vision.preprocess) for r in recs])
+    return load_pixels(model, [r.path for r in load_records(annotations, split="val")[:n]])
 
 
 def bench_captioning(hf, ours, batches, max_new, repeats, prompt: str = "a photo of",

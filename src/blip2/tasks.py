@@ -58,12 +58,17 @@ def chat_prompt(lm: FrozenLM, history: list[tuple[str, str]], question: str) -> 
     return " ".join([*turns, vqa_prompt(lm, question)])
 
 
-def image_features(model, paths: list[str]) -> torch.Tensor:
-    """Image files -> (B, N, C) frozen features with the encoder's eval preprocessing."""
+def load_pixels(model, paths: list[str]) -> torch.Tensor:
+    """Image files -> (B, 3, S, S) pixels with the encoder's eval preprocessing."""
     from blip2.vision.transforms import eval_transform, load_rgb
 
     if model.vision is None:
         raise RuntimeError("this model was built without its vision encoder")
-    pixels = torch.stack([eval_transform(load_rgb(p), model.vision.preprocess) for p in paths])
+    return torch.stack([eval_transform(load_rgb(p), model.vision.preprocess) for p in paths])
+
+
+def image_features(model, paths: list[str]) -> torch.Tensor:
+    """Image files -> (B, N, C) frozen features with the encoder's eval preprocessing."""
+    pixels = load_pixels(model, paths)
     with torch.no_grad():
         return model.image_features(pixels)
