@@ -150,6 +150,13 @@ def real_pixels(model, annotations: str, n: int) -> torch.Tensor:
     return load_pixels(model, [r.path for r in load_records(annotations, split="val")[:n]])
 
 
+def _first_or_random(images: torch.Tensor | None, n: int, seed: int) -> torch.Tensor:
+    """The first n real images, or n seeded random 224 px ones for the random models: (n, 3, S, S)."""
+    if images is not None:
+        return images[:n]
+    return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
 def bench_captioning(hf, ours, batches, max_new, repeats, prompt: str = "a photo of",
                      images: torch.Tensor | None = None) -> list[dict]:
     rows = []
@@ -159,10 +166,7 @@ def bench_captioning(hf, ours, batches, max_new, repeats, prompt: str = "a photo
         cfg = DecodeConfig(num_beams=1 if decode == "greedy" else 5, max_new_tokens=max_new,
                            min_new_tokens=min(8, max_new))  # the captioning defaults
         for b in batches:
-            if images is None:
-                pixels = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b)).to(ours.device)
-            else:
-                pixels = images[:b].to(ours.device)
+            pixels = _first_or_random(images, b, seed=b).to(ours.device)
             ids = torch.tensor([[image_id] * q + p_ids] * b, device=ours.device)
             with torch.no_grad():
                 t_hf, out_hf = timed(partial(hf_generate, hf, pixels, ids, cfg, ours.llm.eos_id, ours.llm.pad_id),
@@ -187,10 +191,7 @@ def bench_questions(hf, ours, n_images, n_questions, max_new, repeats, images: t
     width = max(len(p) for p in p_ids)
     image_id, q = hf.config.image_token_index, hf.config.num_query_tokens
     pad = ours.llm.pad_id
-    if images is None:
-        pixels = torch.randn(n_images, 3, 224, 224, generator=torch.Generator().manual_seed(7)).to(ours.device)
-    else:
-        pixels = images[:n_images].to(ours.device)
+    pixels = _first_or_random(images, n_images, seed=7).to(ours.device)
     rows_px = pixels.repeat_interleave(n_questions, 0)
     # transformers: left-padded [pads | image tokens | question] rows
     ids = torch.tensor([[pad] * (width - len(p)) + [image_id] * q + p for _ in range(n_images) for p in p_ids],

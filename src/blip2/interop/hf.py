@@ -269,7 +269,7 @@ def to_transformers(model, any_encoder: bool = False) -> tuple[nn.Module, Any]:
     import transformers as tf
 
     cfg, cls_name, tokenizer = _export_config(model, any_encoder)
-    hf_model = getattr(tf, cls_name)(cfg).eval()
+    hf_model = getattr(tf, cls_name)(cfg)
     if not _is_hf_vit(model.vision):
         hf_model.vision_model = EncoderAsVisionModel(model.vision, model.cfg.qformer.ln_vision_eps)
     missing, unexpected = hf_model.load_state_dict(_export_state(model, hf_model), strict=False)
