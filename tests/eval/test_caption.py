@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from blip2.eval.caption import caption_metrics
+from blip2.eval.caption import caption_metrics, ptb_tokenize
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="the COCO caption tools need Java")
 
@@ -25,3 +25,11 @@ def test_bleu1_brevity_penalty_by_hand():
     # 3 of 3 candidate words match; closest reference length 4 -> BP = exp(1 - 4/3)
     m = caption_metrics({0: ["a dog runs fast"]}, {0: "a dog runs"})
     assert m["bleu1"] == pytest.approx(100 * math.exp(1 - 4 / 3), abs=1e-2)
+
+
+def test_one_tokenizer_call_keeps_dicts_with_the_same_ids_apart():
+    refs = {0: ["A Dog, running!", "the dog's ball."], 1: ["Two people."]}
+    cands = {0: ["Blue sky."], 1: ["green car ..."]}
+    toks_refs, toks_cands = ptb_tokenize(refs, cands)
+    assert toks_refs == {0: ["a dog running", "the dog 's ball"], 1: ["two people"]}
+    assert toks_cands == {0: ["blue sky"], 1: ["green car"]}

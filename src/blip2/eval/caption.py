@@ -21,11 +21,17 @@ from blip2.tasks import VQA_DECODE
 log = logging.getLogger(__name__)
 
 
-def ptb_tokenize(texts: dict[int, list[str]]) -> dict[int, list[str]]:
-    """Captions per id through the COCO PTB tokenizer (Java): lower-cased, punctuation removed."""
+def ptb_tokenize(*texts: dict[int, list[str]]) -> list[dict[int, list[str]]]:
+    """Captions per id through the COCO PTB tokenizer (Java): lower-cased, punctuation removed.
+
+    Several dicts go through one Java process (each launch costs about a second); one dict comes
+    back per dict given, with the same ids.
+    """
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in texts.items()})
+    merged = {(j, k): [{"caption": c} for c in v] for j, t in enumerate(texts) for k, v in t.items()}
+    out = PTBTokenizer().tokenize(merged)
+    return [{k: out.get((j, k), []) for k in t} for j, t in enumerate(texts)]
 
 
 def caption_metrics(references: dict[int, list[str]], candidates: dict[int, str]) -> dict[str, float]:
@@ -41,8 +47,7 @@ def caption_metrics(references: dict[int, list[str]], candidates: dict[int, str]
 
     if set(references) != set(candidates):
         raise ValueError("references and candidates must cover the same ids")
-    gts = ptb_tokenize(references)
-    res = ptb_tokenize({k: [v] for k, v in candidates.items()})
+    gts, res = ptb_tokenize(references, {k: [v] for k, v in candidates.items()})
     out: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     for n, b in enumerate(bleu, 1):

@@ -83,7 +83,7 @@ def paired_bootstrap(references: Sequence[Sequence[str]], cand_a: Sequence[str],
     if not tokenized:
         from blip2.eval.caption import ptb_tokenize
 
-        gts, res_a, res_b = ptb_tokenize(gts), ptb_tokenize(res_a), ptb_tokenize(res_b)
+        gts, res_a, res_b = ptb_tokenize(gts, res_a, res_b)
 
     def per_image(res: dict[int, list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bleu = np.stack([bleu_stats(gts[i], res[i][0]) for i in range(n_img)])  # (N, 10)
