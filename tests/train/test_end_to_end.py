@@ -145,3 +145,25 @@ def test_sigkill_at_a_random_step_resumes_bit_identical(scenes, tmp_path):
     assert full.keys() == resumed.keys()
     for k in full:
         assert full[k].equal(resumed[k]), f"{k}: {why}"
+
+
+def test_logged_rows_carry_the_windows_largest_gradient_norm_and_clip_count(scenes, tmp_path):
+    # The same 6 steps logged every step and every 3 steps: training is identical, so each 3-step
+    # row's grad_norm_max is the largest of the per-step norms, and a clip below every norm counts
+    # every step of the window (and changes the run, so it is compared against itself only).
+    base = [*_args(scenes), "train.ckpt_every=100", "eval.enabled=false"]
+    for every in (1, 3):
+        train(load_recipe(_recipe_path(), [*base, f"train.log_every={every}"]), tmp_path / f"e{every}", progress=False)
+    each = [json.loads(x) for x in open(tmp_path / "e1" / "metrics.jsonl")]
+    window = [json.loads(x) for x in open(tmp_path / "e3" / "metrics.jsonl")]
+    assert all(r["grad_norm_max"] == r["grad_norm"] for r in each)
+    norms = [r["grad_norm"] for r in each]
+    assert [r["grad_norm_max"] for r in window] == [max(norms[:3]), max(norms[3:])]
+    assert [r["grad_norm"] for r in window] == [norms[2], norms[5]] and "clipped_steps" not in window[0]
+
+    clip = min(norms) / 10
+    train(load_recipe(_recipe_path(), [*base, "train.log_every=3", f"train.grad_clip={clip}"]), tmp_path / "c",
+          progress=False)
+    clipped = [json.loads(x) for x in open(tmp_path / "c" / "metrics.jsonl")]
+    assert [r["clipped_steps"] for r in clipped] == [3, 3]
+    assert all(r["grad_norm_max"] >= r["grad_norm"] > clip for r in clipped)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -291,6 +292,10 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     bar = tqdm(total=tc.steps, initial=start, desc=f"stage {stage}", unit="step",
                disable=not (progress and world.is_main))
     window_t, window_n = time.perf_counter(), 0
+    # Gradient spikes between logged steps are what precede a divergence: keep the window's largest
+    # norm and how many steps the clip changed (device tensors, read only when a row is logged).
+    window_gmax: torch.Tensor | None = None
+    window_clipped = 0
     step = start
     while step < tc.steps:
         lr = lr_at(step, tc)
@@ -314,6 +319,10 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         world.average_gradients_(trainable)
         scaler.unscale_(optimizer)  # (no-op without fp16) so that the norm and the clip see true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.detach()  # ()
+        window_gmax = grad_norm if window_gmax is None else torch.maximum(window_gmax, grad_norm)
+        if tc.grad_clip > 0:
+            window_clipped = window_clipped + (grad_norm > tc.grad_clip).int()
         scaler.step(optimizer)  # skipped when an fp16 gradient overflowed; the scale then shrinks
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -327,8 +336,10 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
             assert metrics is not None
             elapsed = time.perf_counter() - window_t
             row = {"step": step, **{k: round(v, 5) for k, v in totals.items()}, "lr": lr,
-                   "grad_norm": float(grad_norm), "epoch": sampler.epoch,
+                   "grad_norm": float(grad_norm), "grad_norm_max": float(window_gmax), "epoch": sampler.epoch,
                    "samples_per_s": round(window_n / elapsed, 2)}
+            if tc.grad_clip > 0:
+                row["clipped_steps"] = int(window_clipped)
             if stage == 1:
                 row["temp"] = model.temp.item()
             if scaler.is_enabled():
@@ -337,6 +348,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
             metrics.write(row)
             bar.set_postfix(loss=f"{totals['loss']:.3f}", sps=row["samples_per_s"])
             window_t, window_n = time.perf_counter(), 0
+        if log_now:
+            window_gmax, window_clipped = None, 0
         if world.is_main and (step % tc.ckpt_every == 0 or step == tc.steps):
             state = {"sampler": sampler.state(), "world_size": world.world_size}
             if scaler.is_enabled():
@@ -393,15 +406,22 @@ def _plot_curves(out: Path, stage: int = 1) -> None:
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, gax) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
     for key in ("loss", "itc", "itm", "itg") if stage == 1 else ("loss",):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts, strict=True), label=key)
-    ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"stage-{stage} training losses")
     ax.legend()
+    for key, label in (("grad_norm", "at the logged step"), ("grad_norm_max", "largest in the window")):
+        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        if pts:
+            gax.plot(*zip(*pts, strict=True), label=label)
+    gax.set_yscale("log")
+    gax.set_xlabel("step")
+    gax.set_ylabel("gradient norm")
+    gax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=100)
     plt.close(fig)
