@@ -395,7 +395,8 @@ def _resolved_model_cfg(recipe: Recipe, saved: Recipe):
 
 
 def _plot_curves(out: Path, stage: int = 1) -> None:
-    """metrics.jsonl -> loss_curves.png (skipped quietly if matplotlib is not installed)."""
+    """metrics.jsonl -> loss_curves.png: losses above, gradient norms (log scale) below; skipped quietly
+    if matplotlib is not installed."""
     try:
         import matplotlib
 
