@@ -347,9 +347,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
             row["query_cos"] = round(model.query_diversity(feats), 4)  # last micro-batch
             metrics.write(row)
             bar.set_postfix(loss=f"{totals['loss']:.3f}", sps=row["samples_per_s"])
-            window_t, window_n = time.perf_counter(), 0
-        if log_now:
-            window_gmax, window_clipped = None, 0
+        if log_now:  # a new window starts on every rank
+            window_t, window_n, window_gmax, window_clipped = time.perf_counter(), 0, None, 0
         if world.is_main and (step % tc.ckpt_every == 0 or step == tc.steps):
             state = {"sampler": sampler.state(), "world_size": world.world_size}
             if scaler.is_enabled():
