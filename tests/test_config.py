@@ -61,6 +61,16 @@ def test_loss_validation():
         Stage1LossConfig(itc=False)
 
 
+@pytest.mark.parametrize("sets,msg", [
+    (["train.grad_clip=-1"], "grad_clip must be >= 0"),
+    (["train.grad_clip=5", "train.grad_clip_from=-1"], "grad_clip_from must be >= 0"),
+    (["train.grad_clip_from=100"], "no clip to start"),
+])
+def test_clip_validation(sets, msg):
+    with pytest.raises(ValueError, match=msg):
+        load_recipe(None, sets)
+
+
 def test_round_trip():
     r = load_recipe(RECIPES / "flickr8k-stage1.yaml")
     assert from_dict(Stage1Recipe, to_dict(r)) == r

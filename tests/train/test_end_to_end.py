@@ -167,3 +167,13 @@ def test_logged_rows_carry_the_windows_largest_gradient_norm_and_clip_count(scen
     clipped = [json.loads(x) for x in open(tmp_path / "c" / "metrics.jsonl")]
     assert [r["clipped_steps"] for r in clipped] == [3, 3]
     assert all(r["grad_norm_max"] >= r["grad_norm"] > clip for r in clipped)
+
+    # A clip that starts at step 3 leaves the first window exactly as the unclipped run's and counts
+    # every step after it; step 4's norm is still the unclipped one (measured before its clip).
+    train(load_recipe(_recipe_path(), [*base, "train.log_every=3", f"train.grad_clip={clip}",
+                                       "train.grad_clip_from=3"]), tmp_path / "late", progress=False)
+    late = [json.loads(x) for x in open(tmp_path / "late" / "metrics.jsonl")]
+    assert [r["clipped_steps"] for r in late] == [0, 3]
+    same = ("loss", "grad_norm", "grad_norm_max")
+    assert [late[0][k] for k in same] == [window[0][k] for k in same]
+    assert late[1]["grad_norm_max"] >= norms[3] and late[1]["loss"] != window[1]["loss"]

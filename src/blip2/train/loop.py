@@ -318,11 +318,11 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / tc.grad_accum
         world.average_gradients_(trainable)
         scaler.unscale_(optimizer)  # (no-op without fp16) so that the norm and the clip see true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.detach()  # ()
+        clip = tc.grad_clip if tc.grad_clip > 0 and step >= tc.grad_clip_from else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip).detach()  # ()
         window_gmax = grad_norm if window_gmax is None else torch.maximum(window_gmax, grad_norm)
         if tc.grad_clip > 0:
-            window_clipped = window_clipped + (grad_norm > tc.grad_clip).int()
+            window_clipped = window_clipped + (grad_norm > clip).int()
         scaler.step(optimizer)  # skipped when an fp16 gradient overflowed; the scale then shrinks
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
