@@ -1,11 +1,13 @@
 """Model directory round trip and strict, non-destructive loading."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from blip2.config import Blip2Config, VisionConfig
-from blip2.model import Blip2, warn_slow_half
+from blip2.model import Blip2, native_half, warn_slow_half
 from conftest import tiny_qformer
 
 
@@ -155,8 +157,11 @@ def test_precision_override_casts_only_the_frozen_parts(tmp_path, caplog):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_half_precision_on_a_cpu_without_native_support_warns(native, monkeypatch, caplog):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: native)
+    # oneDNN calls bf16 "supported" on any AVX-512 CPU, emulated or not: it must not decide
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     cpu = torch.device("cpu")
     with caplog.at_level("WARNING", logger="blip2.model"):
         assert warn_slow_half(cpu, ["none", "bf16", "fp32"]) is (not native)
@@ -165,3 +170,12 @@ def test_half_precision_on_a_cpu_without_native_support_warns(native, monkeypatc
     assert ("emulated" in caplog.text) is (not native)
     if not native:
         assert "bf16" in caplog.text and "fp32" in caplog.text  # names the problem and the fix
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU flags from Linux's /proc/cpuinfo")
+def test_native_bf16_agrees_with_the_cpu_flags():
+    # An independent reading of the same fact: the kernel's CPU flags name the bf16 instructions.
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert native_half("bf16") == bool({"avx512_bf16", "amx_bf16"} & flags)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        native_half("fp32")

@@ -9,6 +9,8 @@ separate, explicit steps with strict key and shape checks.
 from __future__ import annotations
 
 import logging
+import os
+import platform
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,39 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def native_half(precision: str) -> bool:
+    """Whether this CPU computes `precision` ("bf16"/"fp16") in hardware.
+
+    oneDNN's own flag (`_is_mkldnn_bf16_supported`) is true on any AVX-512 CPU because oneDNN can
+    emulate bf16 there; on an AVX-512 Xeon without AVX512-BF16 that emulation made a stage-2 step
+    2.6x slower than fp32 (docs/RESULTS.md). So bf16 counts as native only with AVX512-BF16 or AMX.
+    """
+    if precision == "bf16":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if precision == "fp16":
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    raise ValueError(f"native_half asks about bf16 or fp16, not {precision!r}")
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What a run's timings depend on, saved in its summary: the same recipe ran 2.6x slower in
+    stage 2 on an AVX-512 CPU without native bf16 than on one with it."""
+    info: dict[str, Any] = {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "native_bf16": native_half("bf16"), "torch": torch.__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def warn_slow_half(device: torch.device, precisions: list[str]) -> bool:
     """Log a warning when bf16/fp16 is asked for on a CPU that emulates it; returns whether it did.
 
@@ -67,9 +102,7 @@ def warn_slow_half(device: torch.device, precisions: list[str]) -> bool:
     """
     if device.type != "cpu":
         return False
-    native = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-              "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported()}
-    slow = sorted({p for p in precisions if p in native and not native[p]})
+    slow = sorted({p for p in precisions if p in ("bf16", "fp16") and not native_half(p)})
     if slow:
         log.warning("%s on this CPU is emulated (no native support; capability %s) and slower than fp32: "
                     "use fp32 here (train.amp=none, --precision fp32, *.precision=fp32)",

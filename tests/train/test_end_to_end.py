@@ -8,11 +8,13 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from blip2.cli import main
 from blip2.config import load_recipe
 from blip2.data.scenes import write_scenes
+from blip2.model import native_half
 from blip2.train import checkpoint
 from blip2.train.loop import train
 from conftest import TINY_SETS
@@ -58,6 +60,9 @@ def test_train_kill_resume_is_bit_identical_then_eval(scenes, tmp_path, capsys):
     assert [r["step"] for r in lines] == [1, 2, 3, 3, 4, 5, 6]  # step 3 was redone after the kill
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["retrieval"]["num_images"] == 6 and summary["data"]["images"] == 12
+    # the machine is recorded with the run, so that its timings can be read
+    assert summary["machine"]["native_bf16"] == native_half("bf16") and summary["machine"]["cpu"]
+    assert summary["machine"]["torch"] == torch.__version__
     cfg = json.loads((tmp_path / "a" / "model" / "config.json").read_text())
     assert cfg["meta"]["recipe"]["loss"]["itc_grad"] == "reference" and cfg["meta"]["stage"] == 1
     assert (tmp_path / "a" / "loss_curves.png").is_file()

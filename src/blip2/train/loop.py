@@ -25,7 +25,7 @@ from blip2.data.pairs import EpochSampler, Pairs
 from blip2.data.records import ImageRecord, has_splits, load_records
 from blip2.io import read_json, write_json
 from blip2.losses import Stage1Loss, Stage2Loss
-from blip2.model import CONFIG, WEIGHTS, Blip2, resolve_device, warn_slow_half
+from blip2.model import CONFIG, WEIGHTS, Blip2, machine_info, resolve_device, warn_slow_half
 from blip2.qformer import load_bert_init
 from blip2.train import checkpoint
 from blip2.train.distributed import World
@@ -367,7 +367,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     if metrics is None:  # not the main process: the main one summarises and evaluates
         return {"stage": stage, "steps": tc.steps, "rank": world.rank}
     metrics.close()
-    summary: dict[str, Any] = {"stage": stage, "steps": tc.steps, "data": data_stats, "model_dir": str(out / "model")}
+    summary: dict[str, Any] = {"stage": stage, "steps": tc.steps, "data": data_stats, "model_dir": str(out / "model"),
+                               "machine": machine_info(device)}
     _plot_curves(out, stage)
     summary.update(evaluate(recipe, model, progress))
     write_json(out / "summary.json", summary)
