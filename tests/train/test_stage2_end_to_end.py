@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from blip2.cli import main
 from blip2.config import Stage2Recipe, load_recipe
 from blip2.data.scenes import write_scenes
 from blip2.model import Blip2
 from blip2.train import checkpoint
-from blip2.train.loop import train
+from blip2.train.loop import COLLAPSED_QUERY_COS, train
 from conftest import save_tiny_llm
 
 STAGE1 = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
@@ -155,3 +157,27 @@ def test_length_grouped_batches_change_the_run_and_resume_exactly(setup, tmp_pat
                for name in ("plain", "full", "cut")}
     assert all(weights["full"][k].equal(weights["cut"][k]) for k in weights["full"])
     assert not weights["full"]["llm_proj.weight"].equal(weights["plain"]["llm_proj.weight"])  # other batches
+
+
+def test_stage2_warns_when_the_stage1_queries_have_collapsed(setup, tmp_path, caplog):
+    # Identical query tokens give identical query outputs (queries have no position embedding), i.e.
+    # the collapse measured on Flickr8k; the run must say so before it spends its budget.
+    root, _, _ = setup
+    s1 = json.loads((root / "s1" / "summary.json").read_text())
+    assert -1.0 <= s1["query_cos"] <= 1.0
+    collapsed = tmp_path / "collapsed"
+    shutil.copytree(root / "s1" / "model", collapsed)
+    weights = load_file(str(collapsed / "model.safetensors"))
+    weights["qformer.query_tokens"] = weights["qformer.query_tokens"][:, :1].expand_as(
+        weights["qformer.query_tokens"]).contiguous()
+    save_file(weights, str(collapsed / "model.safetensors"))
+
+    for init, expect in ((root / "s1" / "model", s1["query_cos"] > COLLAPSED_QUERY_COS), (collapsed, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="blip2.train.loop"):
+            train(_recipe(setup, [f"stage2.init={init}", "train.steps=1", "eval.enabled=false"]),
+                  tmp_path / init.name, progress=False)
+        warned = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+        assert bool(warned) is expect, warned
+    assert str(collapsed) in warned[0] and "train.seed" in warned[0]  # names the model and the fix
+    assert re.search(r"mean cosine 1\.000", warned[0])

@@ -34,6 +34,11 @@ from blip2.vision.transforms import load_rgb
 
 log = logging.getLogger(__name__)
 
+# Mean cosine between one image's query outputs above which they count as collapsed: they then hand
+# the LLM copies of one vector and stage 2 barely learns (docs/RESULTS.md, "Query collapse").
+# Healthy Flickr8k models sit at 0.2-0.7; collapsed ones at 0.99-1.0.
+COLLAPSED_QUERY_COS = 0.95
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -284,6 +289,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         start = ckpt.step
         log.info("resumed from %s at step %d", ckpt.path, start)
     world.broadcast_(trainable)
+    if stage == 2 and ckpt is None and world.is_main and recipe.stage2.init:
+        _check_queries(model, pairs, device, f"the stage-1 model {recipe.stage2.init}")
     recipe_dict = to_dict(recipe)
     if world.is_main:
         write_json(out / "recipe.json", recipe_dict)
@@ -368,11 +375,26 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         return {"stage": stage, "steps": tc.steps, "rank": world.rank}
     metrics.close()
     summary: dict[str, Any] = {"stage": stage, "steps": tc.steps, "data": data_stats, "model_dir": str(out / "model"),
-                               "machine": machine_info(device)}
+                               "machine": machine_info(device),
+                               "query_cos": _check_queries(model, pairs, device, f"the stage-{stage} model")}
     _plot_curves(out, stage)
     summary.update(evaluate(recipe, model, progress))
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _check_queries(model: Blip2, pairs: Pairs, device: torch.device, what: str, n: int = 16) -> float:
+    """Query diversity of `model` on `n` training pairs spread over the data; warns (naming the fix)
+    when the queries have collapsed, since a stage 2 trained on them wastes its budget."""
+    batch = pairs.batch(torch.arange(0, len(pairs), max(1, len(pairs) // n))[:n]).to(device)
+    with torch.no_grad():
+        feats = batch.image_feats if batch.image_feats is not None else model.image_features(batch.pixels)
+    cos = round(model.query_diversity(feats), 4)
+    if cos > COLLAPSED_QUERY_COS:
+        log.warning("%s: its query outputs have collapsed (mean cosine %.3f between the queries of one image; "
+                    "1 = identical), so they hand the LLM one vector and stage 2 learns little from them "
+                    "(docs/RESULTS.md, \"Query collapse\"). Retrain stage 1 with another train.seed.", what, cos)
+    return cos
 
 
 def _val_annotations(recipe: Recipe) -> str:
