@@ -393,7 +393,8 @@ def _check_queries(model: Blip2, pairs: Pairs, device: torch.device, what: str, 
     if cos > COLLAPSED_QUERY_COS:
         log.warning("%s: its query outputs have collapsed (mean cosine %.3f between the queries of one image; "
                     "1 = identical), so they hand the LLM one vector and stage 2 learns little from them "
-                    "(docs/RESULTS.md, \"Query collapse\"). Retrain stage 1 with another train.seed.", what, cos)
+                    "(docs/RESULTS.md, \"Query collapse\"). A stage 1 with another train.seed may keep them apart "
+                    "(1 of 6 Flickr8k probes did); check its summary's query_cos first.", what, cos)
     return cos
 
 
