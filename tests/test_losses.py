@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from blip2.config import Stage1LossConfig
 from blip2.losses import ITCLoss, ITGLoss, ITMLoss, Stage1Loss, sample_hard_negatives
 
 
@@ -168,6 +169,27 @@ def test_stage1_total_and_pad_row_gradient(tiny_model):
     # tied LM head, no padding index: the [PAD] row of the word embeddings receives gradient too
     assert tiny_model.qformer.embeddings.word_embeddings.weight.grad[0].abs().sum() > 0
     assert tiny_model.temp.grad is not None and tiny_model.ln_vision.weight.grad.abs().sum() > 0
+
+
+def test_itg_ramp_weights_only_itg_and_reaches_full_weight(tiny_model):
+    # eval mode: no dropout, so every call sees the same terms; the ramp must scale ITG alone,
+    # by (step + 1) / N, log ITG unweighted, and equal the plain total from step N - 1 on.
+    tiny_model.eval()
+    ids, mask = tiny_model.tokenize(["a red circle", "two blue squares on the left", "a star"])
+    feats = torch.randn(3, 5, 24)
+
+    def run(objective, step):
+        return objective(tiny_model, feats, ids, mask, torch.arange(3), torch.Generator().manual_seed(0), step)
+
+    plain = run(Stage1Loss(), 0)
+    ramp = Stage1Loss(itg_ramp_steps=4)
+    for step, weight in ((0, 0.25), (1, 0.5), (3, 1.0), (10, 1.0)):
+        out = run(ramp, step)
+        assert out["itg"].item() == plain["itg"].item()
+        want = plain["itc"] + plain["itm"] + weight * plain["itg"]
+        assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="itg_ramp_steps"):
+        Stage1LossConfig(itg_ramp_steps=-1)
 
 
 def test_itg_gradient_flows_through_cached_query_keys_values(tiny_model):

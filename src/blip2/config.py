@@ -176,8 +176,14 @@ class Stage1LossConfig:
     # "soft": captions that share an image id are all positives (soft targets);
     # "diagonal": only the paired caption is positive (the reference without image ids).
     itc_targets: str = "soft"
+    # ITG's weight in the loss rises linearly over this many first steps (0 = full weight from step
+    # 1, as the reference). Full-weight ITG collapsed the Flickr8k recipe's queries inside its lr
+    # warmup in 5 of 6 probes (docs/RESULTS.md, "Query collapse").
+    itg_ramp_steps: int = 0
 
     def __post_init__(self) -> None:
+        if self.itg_ramp_steps < 0:
+            raise ValueError(f"loss.itg_ramp_steps must be >= 0 (0 = no ramp), got {self.itg_ramp_steps}")
         _choice("loss.itc_grad", self.itc_grad, ("reference", "full"))
         _choice("loss.itc_targets", self.itc_targets, ("soft", "diagonal"))
         if not (self.itc or self.itm or self.itg):

@@ -223,16 +223,20 @@ class Stage1Loss(nn.Module):
     """ITC + ITM + ITG on one batch; returns the total and each term (detached) for logging."""
 
     def __init__(self, itc: bool = True, itm: bool = True, itg: bool = True, label_smoothing: float = 0.1,
-                 itc_grad: str = "reference", itc_targets: str = "soft", rank: int = 0, world_size: int = 1):
+                 itc_grad: str = "reference", itc_targets: str = "soft", rank: int = 0, world_size: int = 1,
+                 itg_ramp_steps: int = 0):
         super().__init__()
         self.use = {"itc": itc, "itm": itm, "itg": itg}
+        self.itg_ramp_steps = itg_ramp_steps
         self.itc = ITCLoss(label_smoothing, itc_grad, itc_targets, rank, world_size)
         self.itm = ITMLoss(rank, world_size)
         self.itg = ITGLoss(label_smoothing, world_size)
 
     def forward(self, model: Blip2, image_feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                image_ids: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                image_ids: torch.Tensor, generator: torch.Generator | None = None, step: int = 0
+                ) -> dict[str, torch.Tensor]:
         # image_feats: (B, N_img, C) frozen encoder output; ids/mask: (B, T); image_ids: (B,)
+        # step: 0-based optimizer step, for ITG's ramp (weight (step + 1) / itg_ramp_steps, capped at 1)
         image_embeds = model.vision_input(image_feats)
         query = model.qformer(image=image_embeds, use_queries=True)  # queries only, unimodal
         terms: dict[str, torch.Tensor] = {}
@@ -247,7 +251,9 @@ class Stage1Loss(nn.Module):
             terms["itm"] = self.itm(model, image_embeds, ids, mask, itc, generator)
         if self.use["itg"]:
             terms["itg"] = self.itg(model, ids, mask, query.past)
-        out = {k: v.detach() for k, v in terms.items()}
+        out = {k: v.detach() for k, v in terms.items()}  # logged unweighted
+        if self.use["itg"] and self.itg_ramp_steps:
+            terms["itg"] = terms["itg"] * min(1.0, (step + 1) / self.itg_ramp_steps)
         out["loss"] = sum(terms.values())  # type: ignore[assignment]
         return out
 

@@ -162,11 +162,12 @@ def objective_for(recipe: Recipe, world: World):
     """batch -> dict of loss terms ("loss" is optimised); this rank's share of the global-batch loss."""
     if isinstance(recipe, Stage2Recipe):
         lm = Stage2Loss(recipe.stage2.prefix_split, world.world_size)
-        return lambda model, batch, feats, gen: lm(model, feats, batch.prompts, batch.texts, gen)
+        return lambda model, batch, feats, gen, step: lm(model, feats, batch.prompts, batch.texts, gen)
     lc = recipe.loss
     s1 = Stage1Loss(lc.itc, lc.itm, lc.itg, lc.label_smoothing, lc.itc_grad, lc.itc_targets, rank=world.rank,
-                    world_size=world.world_size)
-    return lambda model, batch, feats, gen: s1(model, feats, batch.ids, batch.mask, batch.image_ids, gen)
+                    world_size=world.world_size, itg_ramp_steps=lc.itg_ramp_steps)
+    return lambda model, batch, feats, gen, step: s1(model, feats, batch.ids, batch.mask, batch.image_ids, gen,
+                                                     step)
 
 
 def evaluate(recipe: Recipe, model: Blip2, progress: bool) -> dict[str, Any]:
@@ -319,7 +320,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
             # the same on every rank: ITM's negative sampling draws for the global batch
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * tc.grad_accum + micro)
             with torch.autocast(device.type, dtype=AMP_DTYPES.get(tc.amp), enabled=tc.amp != "none"):
-                terms = objective(model, batch, feats, gen)
+                terms = objective(model, batch, feats, gen, step)
             scaler.scale(terms["loss"] / tc.grad_accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / tc.grad_accum
