@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from blip2.config import Stage1LossConfig
-from blip2.losses import ITCLoss, ITGLoss, ITMLoss, Stage1Loss, sample_hard_negatives
+from blip2.losses import ITCLoss, ITGLoss, ITMLoss, Stage1Loss, query_similarity, sample_hard_negatives
 
 
 def _smoothed_ce(logits: list[float], target: list[float], ls: float) -> float:
@@ -190,6 +190,30 @@ def test_itg_ramp_weights_only_itg_and_reaches_full_weight(tiny_model):
         assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)
     with pytest.raises(ValueError, match="itg_ramp_steps"):
         Stage1LossConfig(itg_ramp_steps=-1)
+
+
+def test_query_similarity_matches_hand_computation():
+    # image 0: e1, e2, e1 + e2 -> squared cosines 0, 1/2, 1/2 over the 3 pairs; image 1: three copies -> 1
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
+                      [[2.0, 1.0], [2.0, 1.0], [4.0, 2.0]]])
+    assert query_similarity(q).item() == pytest.approx((1 / 3 + 1) / 2, rel=1e-6)
+    assert query_similarity(q[:, :1]).item() == 0.0  # one query: no pairs
+
+
+def test_query_div_adds_the_weighted_similarity_and_logs_it_unweighted(tiny_model):
+    tiny_model.eval()  # no dropout: both objectives see the same query outputs
+    ids, mask = tiny_model.tokenize(["a red circle", "two blue squares on the left", "a star"])
+    feats = torch.randn(3, 5, 24)
+
+    def run(objective):
+        return objective(tiny_model, feats, ids, mask, torch.arange(3), torch.Generator().manual_seed(0), 0)
+
+    plain, div = run(Stage1Loss()), run(Stage1Loss(query_div=0.5))
+    sim = query_similarity(tiny_model.qformer(image=tiny_model.vision_input(feats), use_queries=True).hidden)
+    assert "query_div" not in plain and div["query_div"].item() == pytest.approx(sim.item(), rel=1e-6)
+    assert div["loss"].item() == pytest.approx(plain["loss"].item() + 0.5 * sim.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="query_div"):
+        Stage1LossConfig(query_div=-1.0)
 
 
 def test_itg_gradient_flows_through_cached_query_keys_values(tiny_model):

@@ -180,10 +180,23 @@ class Stage1LossConfig:
     # 1, as the reference). Full-weight ITG collapsed the Flickr8k recipe's queries inside its lr
     # warmup in 5 of 6 probes (docs/RESULTS.md, "Query collapse").
     itg_ramp_steps: int = 0
+    # A fresh run sets ITG's output bias (qformer.lm_head.bias) to the log frequency of each token
+    # among the training captions: the logits a bias-only head would learn. Without it a checkpoint
+    # that ships no MLM head (all-MiniLM-L6-v2) starts ITG at ln(vocab) and spends its first steps
+    # learning token frequencies, a shared push on every query (docs/RESULTS.md, "Query collapse").
+    itg_prior_bias: bool = False
+    # Weight of a query-diversity term: the mean squared cosine between the query outputs of one
+    # image, over all pairs of different queries (0 = off, as the reference). The Flickr8k recipe's
+    # 16 MiniLM-initialised queries otherwise tend to merge into one vector, which starves stage 2.
+    query_div: float = 0.0
 
     def __post_init__(self) -> None:
         if self.itg_ramp_steps < 0:
             raise ValueError(f"loss.itg_ramp_steps must be >= 0 (0 = no ramp), got {self.itg_ramp_steps}")
+        if self.query_div < 0:
+            raise ValueError(f"loss.query_div is a loss weight and must be >= 0 (0 = off), got {self.query_div}")
+        if self.itg_prior_bias and not self.itg:
+            raise ValueError("loss.itg_prior_bias sets the ITG head's bias and needs loss.itg=true")
         _choice("loss.itc_grad", self.itc_grad, ("reference", "full"))
         _choice("loss.itc_targets", self.itc_targets, ("soft", "diagonal"))
         if not (self.itc or self.itm or self.itg):

@@ -219,15 +219,29 @@ class ITGLoss(nn.Module):
 # --------------------------------------------------------------------------- stage 1
 
 
+def query_similarity(queries: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between the outputs of different queries of one image (0 = orthogonal, 1 = merged).
+
+    queries: (B, Q, D). Squared, so the push apart is strongest for near-duplicates and vanishes
+    at orthogonality; batch-local, so each process computes it on its own shard.
+    """
+    q = F.normalize(queries, dim=-1)
+    n = q.shape[1]
+    if n < 2:
+        return queries.new_zeros(())
+    cos2 = (q @ q.transpose(1, 2)).pow(2)  # (B, Q, Q), diagonal = 1
+    return ((cos2.sum((1, 2)) - cos2.diagonal(dim1=1, dim2=2).sum(-1)) / (n * n - n)).mean()
+
+
 class Stage1Loss(nn.Module):
     """ITC + ITM + ITG on one batch; returns the total and each term (detached) for logging."""
 
     def __init__(self, itc: bool = True, itm: bool = True, itg: bool = True, label_smoothing: float = 0.1,
                  itc_grad: str = "reference", itc_targets: str = "soft", rank: int = 0, world_size: int = 1,
-                 itg_ramp_steps: int = 0):
+                 itg_ramp_steps: int = 0, query_div: float = 0.0):
         super().__init__()
         self.use = {"itc": itc, "itm": itm, "itg": itg}
-        self.itg_ramp_steps = itg_ramp_steps
+        self.itg_ramp_steps, self.query_div = itg_ramp_steps, query_div
         self.itc = ITCLoss(label_smoothing, itc_grad, itc_targets, rank, world_size)
         self.itm = ITMLoss(rank, world_size)
         self.itg = ITGLoss(label_smoothing, world_size)
@@ -251,9 +265,13 @@ class Stage1Loss(nn.Module):
             terms["itm"] = self.itm(model, image_embeds, ids, mask, itc, generator)
         if self.use["itg"]:
             terms["itg"] = self.itg(model, ids, mask, query.past)
+        if self.query_div:
+            terms["query_div"] = query_similarity(query.hidden)
         out = {k: v.detach() for k, v in terms.items()}  # logged unweighted
         if self.use["itg"] and self.itg_ramp_steps:
             terms["itg"] = terms["itg"] * min(1.0, (step + 1) / self.itg_ramp_steps)
+        if self.query_div:
+            terms["query_div"] = terms["query_div"] * self.query_div
         out["loss"] = sum(terms.values())  # type: ignore[assignment]
         return out
 

@@ -27,6 +27,7 @@ from blip2.io import read_json, write_json
 from blip2.losses import Stage1Loss, Stage2Loss
 from blip2.model import CONFIG, WEIGHTS, Blip2, machine_info, resolve_device, warn_slow_half
 from blip2.qformer import load_bert_init
+from blip2.text import caption_token_prior
 from blip2.train import checkpoint
 from blip2.train.distributed import World
 from blip2.train.optim import build_optimizer, lr_at
@@ -150,6 +151,16 @@ def init_model(recipe: Recipe, model: Blip2, out: Path | None) -> None:
         write_json(out / "init_report.json", report)
 
 
+def set_itg_prior_bias(model: Blip2, texts: list[str], label_smoothing: float) -> None:
+    """ITG's output bias <- the captions' token log-frequencies (loss.itg_prior_bias)."""
+    q = model.cfg.qformer
+    prior = caption_token_prior(model.tokenizer, texts, q.max_text_len, q.vocab_size, label_smoothing)
+    with torch.no_grad():
+        model.qformer.lm_head.bias.copy_(prior - prior.mean())
+    log.info("ITG bias set to the token prior of %d captions (entropy %.2f nats; ln(vocab) = %.2f)",
+             len(texts), float(-(prior.exp() * prior).sum()), math.log(q.vocab_size))
+
+
 def resolve_stage2_model(recipe: Stage2Recipe) -> None:
     """A stage-2 run from a stage-1 model takes that model's encoder and Q-Former config."""
     if recipe.stage2.init:
@@ -165,7 +176,7 @@ def objective_for(recipe: Recipe, world: World):
         return lambda model, batch, feats, gen, step: lm(model, feats, batch.prompts, batch.texts, gen)
     lc = recipe.loss
     s1 = Stage1Loss(lc.itc, lc.itm, lc.itg, lc.label_smoothing, lc.itc_grad, lc.itc_targets, rank=world.rank,
-                    world_size=world.world_size, itg_ramp_steps=lc.itg_ramp_steps)
+                    world_size=world.world_size, itg_ramp_steps=lc.itg_ramp_steps, query_div=lc.query_div)
     return lambda model, batch, feats, gen, step: s1(model, feats, batch.ids, batch.mask, batch.image_ids, gen,
                                                      step)
 
@@ -270,6 +281,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     pairs, data_stats, skipped = build_training_data(recipe, model, world)
     if world.is_main:
         report_skipped(skipped, out)
+    if stage == 1 and ckpt is None and recipe.loss.itg_prior_bias:
+        set_itg_prior_bias(model, [t for _, _, t in pairs.pairs], recipe.loss.label_smoothing)
     # One sampler over the global batch on every rank (same seed): its state is independent of the
     # number of processes, so a run can resume on a different one.
     lengths = [len(p) + len(t) for _, p, t in pairs.pairs] if tc.group_by_length else None  # characters
@@ -394,8 +407,8 @@ def _check_queries(model: Blip2, pairs: Pairs, device: torch.device, what: str, 
     if cos > COLLAPSED_QUERY_COS:
         log.warning("%s: its query outputs have collapsed (mean cosine %.3f between the queries of one image; "
                     "1 = identical), so they hand the LLM one vector and stage 2 learns little from them "
-                    "(docs/RESULTS.md, \"Query collapse\"). A stage 1 with another train.seed may keep them apart "
-                    "(1 of 6 Flickr8k probes did); check its summary's query_cos first.", what, cos)
+                    "(docs/RESULTS.md, \"Query collapse\"). Train stage 1 with loss.query_div=1.0 and "
+                    "loss.itg_prior_bias=true to keep them apart.", what, cos)
     return cos
 
 
@@ -432,7 +445,7 @@ def _plot_curves(out: Path, stage: int = 1) -> None:
     if not rows:
         return
     fig, (ax, gax) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
-    for key in ("loss", "itc", "itm", "itg") if stage == 1 else ("loss",):
+    for key in ("loss", "itc", "itm", "itg", "query_div") if stage == 1 else ("loss",):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts, strict=True), label=key)
