@@ -181,5 +181,5 @@ def test_stage2_warns_when_the_stage1_queries_have_collapsed(setup, tmp_path, ca
         warned = [m for m in (r.getMessage() for r in caplog.records)
                   if "collapsed" in m and m.startswith(f"the stage-1 model {init}")]
         assert bool(warned) is expect, warned
-    assert str(collapsed) in warned[0] and "train.seed" in warned[0]  # names the model and the fix
+    assert str(collapsed) in warned[0] and "loss.query_div" in warned[0]  # names the model and the fix
     assert re.search(r"mean cosine 1\.000", warned[0])
