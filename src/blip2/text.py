@@ -47,4 +47,3 @@ def caption_token_prior(tok: BertTokenizerFast, texts: list[str], max_len: int, 
     p = (counts + 1) / (counts.sum() + vocab_size)
     p = (1 - label_smoothing) * p + label_smoothing / vocab_size
     return p.log().float()
-
