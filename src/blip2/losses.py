@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip2.qformer import mean_query_cosine
+
 if TYPE_CHECKING:
     from blip2.model import Blip2
 
@@ -225,12 +227,9 @@ def query_similarity(queries: torch.Tensor) -> torch.Tensor:
     queries: (B, Q, D). Squared, so the push apart is strongest for near-duplicates and vanishes
     at orthogonality; batch-local, so each process computes it on its own shard.
     """
-    q = F.normalize(queries, dim=-1)
-    n = q.shape[1]
-    if n < 2:
-        return queries.new_zeros(())
-    cos2 = (q @ q.transpose(1, 2)).pow(2)  # (B, Q, Q), diagonal = 1
-    return ((cos2.sum((1, 2)) - cos2.diagonal(dim1=1, dim2=2).sum(-1)) / (n * n - n)).mean()
+    if queries.shape[1] < 2:
+        return queries.new_zeros(())  # one query: nothing to push apart
+    return mean_query_cosine(queries, power=2)
 
 
 class Stage1Loss(nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 from blip2.config import Blip2Config, DecodeConfig, from_dict, to_dict
 from blip2.io import atomic_dir, read_json, write_json
 from blip2.llm import FrozenLM
-from blip2.qformer import KV, QFormer
+from blip2.qformer import KV, QFormer, mean_query_cosine
 from blip2.vision import FrozenImageEncoder, build_vision_encoder
 
 log = logging.getLogger(__name__)
@@ -230,15 +230,13 @@ class Blip2(nn.Module):
 
         A training diagnostic: collapsed queries hand the LLM Q copies of one vector (docs/RESULTS.md).
         """
+        if self.cfg.qformer.num_queries < 2:
+            return 1.0
         was_training = self.training
         self.eval()
-        q = F.normalize(self.qformer(image=self.vision_input(image_feats), use_queries=True).hidden, dim=-1)
+        hidden = self.qformer(image=self.vision_input(image_feats), use_queries=True).hidden  # (B, Q, D)
         self.train(was_training)
-        n = q.shape[1]
-        if n < 2:
-            return 1.0
-        cos = q @ q.transpose(1, 2)  # (B, Q, Q)
-        return float(((cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(-1)) / (n * n - n)).mean())
+        return float(mean_query_cosine(hidden))
 
     # ------------------------------------------------------------------ stage 2: the LLM bridge
 

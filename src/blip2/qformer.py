@@ -131,6 +131,20 @@ class LMHead(nn.Module):
         return F.linear(h, word_embeddings, self.bias)  # (B, L, V)
 
 
+def mean_query_cosine(queries: torch.Tensor, power: int = 1) -> torch.Tensor:
+    """Mean of cosine**power over all pairs of different queries of one image, averaged over images.
+
+    queries: (B, Q, D) with Q >= 2. power=1 is the collapse diagnostic (1 = identical queries);
+    power=2 is the query-diversity loss.
+    """
+    n = queries.shape[1]
+    if n < 2:
+        raise ValueError(f"a query cosine needs at least 2 queries, got {n}")
+    q = F.normalize(queries, dim=-1)
+    cos = (q @ q.transpose(1, 2)).pow(power)  # (B, Q, Q)
+    return ((cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(-1)) / (n * n - n)).mean()
+
+
 @dataclass
 class QFormerOutput:
     hidden: torch.Tensor  # (B, L, D): queries first when present
