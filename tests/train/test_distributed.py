@@ -43,8 +43,8 @@ def _recipe(stage: int, data, steps: int, batch: int):
     ann, cache, llm_dir = data
     common = [*QFORMER, f"data.train={ann}", f"data.cache_dir={cache}", f"train.steps={steps}",
               f"train.batch_size={batch}", *OPTIM]
-    if stage == 1:
-        return load_recipe(None, common, Stage1Recipe)
+    if stage == 1:  # with the rank-0-only ITG prior (broadcast) and the batch-local query term
+        return load_recipe(None, [*common, "loss.itg_prior_bias=true", "loss.query_div=1.0"], Stage1Recipe)
     # stage 2 from scratch (no stage-1 init): the Q-Former config comes from the recipe
     return load_recipe(None, [*common, f"model.llm.path={llm_dir}", "model.llm.max_text_len=12"], Stage2Recipe)
 

@@ -281,7 +281,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     pairs, data_stats, skipped = build_training_data(recipe, model, world)
     if world.is_main:
         report_skipped(skipped, out)
-    if stage == 1 and ckpt is None and recipe.loss.itg_prior_bias:
+    if stage == 1 and ckpt is None and recipe.loss.itg_prior_bias and world.is_main:  # broadcast_ below copies it
         set_itg_prior_bias(model, [t for _, _, t in pairs.pairs], recipe.loss.label_smoothing)
     # One sampler over the global batch on every rank (same seed): its state is independent of the
     # number of processes, so a run can resume on a different one.
