@@ -125,9 +125,10 @@ def test_stage2_from_scratch_and_reload_generates_the_same(setup, tmp_path):
     assert a.generate(feats, ["", "question"], cfg) == b.generate(feats, ["", "question"], cfg)
 
 
-def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path):
+def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path, caplog, monkeypatch):
     import yaml
 
+    import blip2.train.loop
     from blip2.config import PipelineRecipe
     from blip2.train.loop import train_pipeline
 
@@ -137,7 +138,13 @@ def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path):
     overrides += [f"stage1.data.train={ann}", f"stage1.data.cache_dir={root / 'cache'}"]
     path = tmp_path / "pipe.yaml"
     path.write_text(yaml.safe_dump({"stage1": {}, "stage2": {}}))
-    summary = train_pipeline(load_recipe(path, overrides, PipelineRecipe), tmp_path / "p", progress=False)
+    # every model counts as collapsed: the warning must come once per run of the pipeline (at the end
+    # of stage 1), not again when stage 2 starts from that model, nor for the stage-2 model
+    monkeypatch.setattr(blip2.train.loop, "COLLAPSED_QUERY_COS", -1.0)
+    with caplog.at_level("WARNING", logger="blip2.train.loop"):
+        summary = train_pipeline(load_recipe(path, overrides, PipelineRecipe), tmp_path / "p", progress=False)
+    warned = [r.getMessage() for r in caplog.records if "have collapsed" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("the stage-1 model:"), warned
     assert summary["stage1"]["steps"] == 2 and summary["stage2"]["steps"] == 5
     init = json.loads((tmp_path / "p" / "stage2" / "init_report.json").read_text())
     assert init["stage1_model"] == str(tmp_path / "p" / "stage1" / "model")
@@ -145,6 +152,13 @@ def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path):
     again = train_pipeline(load_recipe(path, overrides, PipelineRecipe), tmp_path / "p", progress=False)
     assert again["stage2"]["steps"] == 5
     assert (tmp_path / "p" / "stage2" / "model" / "model.safetensors").stat().st_mtime_ns == before
+    # stage 1 kept from an earlier invocation: stage 2 checks the model it starts from, once
+    shutil.rmtree(tmp_path / "p" / "stage2")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="blip2.train.loop"):
+        train_pipeline(load_recipe(path, overrides, PipelineRecipe), tmp_path / "p", progress=False)
+    warned = [r.getMessage() for r in caplog.records if "have collapsed" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"the stage-1 model {tmp_path / 'p' / 'stage1' / 'model'}:")
 
 
 def test_length_grouped_batches_change_the_run_and_resume_exactly(setup, tmp_path):

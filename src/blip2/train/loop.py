@@ -204,13 +204,16 @@ def train_pipeline(recipe: PipelineRecipe, out: str | Path, progress: bool = Tru
     out = Path(out)
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"run_stage1": recipe.run_stage1}
+    stage1_done = _finished(out / "stage1") if recipe.run_stage1 else None
     if recipe.run_stage1:
-        summary["stage1"] = _finished(out / "stage1") or train(recipe.stage1, out / "stage1", progress=progress)
+        summary["stage1"] = stage1_done or train(recipe.stage1, out / "stage1", progress=progress)
         recipe.stage2.stage2.init = str(out / "stage1" / "model")
     else:
         recipe.stage2.stage2.init = ""
     t1 = time.perf_counter()
-    summary["stage2"] = _finished(out / "stage2") or train(recipe.stage2, out / "stage2", progress=progress)
+    # a stage 1 trained just now has already reported its query diversity (and warned if collapsed)
+    summary["stage2"] = _finished(out / "stage2") or train(recipe.stage2, out / "stage2", progress=progress,
+                                                           check_init=not recipe.run_stage1 or stage1_done is not None)
     summary["seconds_this_invocation"] = {"stage1": round(t1 - t0, 1), "stage2": round(time.perf_counter() - t1, 1)}
     if "rank" not in summary["stage2"]:  # the main process (the only one under torchrun that evaluates)
         write_json(out / "summary.json", summary)
@@ -223,24 +226,26 @@ def _finished(run: Path) -> dict[str, Any] | None:
 
 
 def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progress: bool = True,
-          world: World | None = None) -> dict[str, Any]:
+          world: World | None = None, check_init: bool = True) -> dict[str, Any]:
     """Train (or resume) a stage-1 or stage-2 recipe in `out`; returns a summary.
 
     `stop_after` stops after that many steps, as a kill would (used by the resume tests). `world`
     (default: from torchrun's environment) splits each global batch of train.batch_size over the
     processes; the main process alone writes checkpoints, logs, the model and evaluates. torch's
     thread count and determinism flag (train.threads / train.deterministic) are restored on return.
+    `check_init=False` skips the stage-2 check of the stage-1 queries, for callers that have just
+    trained that stage 1 (its end-of-run check already reported them).
     """
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(recipe, out, stop_after, progress, world)
+        return _train(recipe, out, stop_after, progress, world, check_init)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
 def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bool,
-           world: World | None) -> dict[str, Any]:
+           world: World | None, check_init: bool) -> dict[str, Any]:
     stage = 2 if isinstance(recipe, Stage2Recipe) else 1
     out = Path(out)
     tc = recipe.train
@@ -303,7 +308,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         start = ckpt.step
         log.info("resumed from %s at step %d", ckpt.path, start)
     world.broadcast_(trainable)
-    if stage == 2 and ckpt is None and world.is_main and recipe.stage2.init:
+    if stage == 2 and ckpt is None and world.is_main and recipe.stage2.init and check_init:
         _check_queries(model, pairs, device, f"the stage-1 model {recipe.stage2.init}")
     recipe_dict = to_dict(recipe)
     if world.is_main:
@@ -388,23 +393,25 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     if metrics is None:  # not the main process: the main one summarises and evaluates
         return {"stage": stage, "steps": tc.steps, "rank": world.rank}
     metrics.close()
+    query_cos = _check_queries(model, pairs, device, f"the stage-{stage} model", warn=stage == 1)
     summary: dict[str, Any] = {"stage": stage, "steps": tc.steps, "data": data_stats, "model_dir": str(out / "model"),
-                               "machine": machine_info(device),
-                               "query_cos": _check_queries(model, pairs, device, f"the stage-{stage} model")}
+                               "machine": machine_info(device), "query_cos": query_cos}
     _plot_curves(out, stage)
     summary.update(evaluate(recipe, model, progress))
     write_json(out / "summary.json", summary)
     return summary
 
 
-def _check_queries(model: Blip2, pairs: Pairs, device: torch.device, what: str, n: int = 16) -> float:
+def _check_queries(model: Blip2, pairs: Pairs, device: torch.device, what: str, n: int = 16,
+                   warn: bool = True) -> float:
     """Query diversity of `model` on `n` training pairs spread over the data; warns (naming the fix)
-    when the queries have collapsed, since a stage 2 trained on them wastes its budget."""
+    when the queries of a stage-1 model have collapsed, since a stage 2 trained on them wastes its
+    budget. (A stage-2 model's value is only recorded: the fix is a stage-1 setting.)"""
     batch = pairs.batch(torch.arange(0, len(pairs), max(1, len(pairs) // n))[:n]).to(device)
     with torch.no_grad():
         feats = batch.image_feats if batch.image_feats is not None else model.image_features(batch.pixels)
     cos = round(model.query_diversity(feats), 4)
-    if cos > COLLAPSED_QUERY_COS:
+    if warn and cos > COLLAPSED_QUERY_COS:
         log.warning("%s: its query outputs have collapsed (mean cosine %.3f between the queries of one image; "
                     "1 = identical), so they hand the LLM one vector and stage 2 learns little from them "
                     "(docs/RESULTS.md, \"Query collapse\"). Train stage 1 with loss.query_div=1.0 and "
