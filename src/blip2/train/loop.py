@@ -204,16 +204,17 @@ def train_pipeline(recipe: PipelineRecipe, out: str | Path, progress: bool = Tru
     out = Path(out)
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"run_stage1": recipe.run_stage1}
-    stage1_done = _finished(out / "stage1") if recipe.run_stage1 else None
+    trained_stage1 = False  # in this invocation: its end-of-run check has reported its queries already
     if recipe.run_stage1:
-        summary["stage1"] = stage1_done or train(recipe.stage1, out / "stage1", progress=progress)
+        done = _finished(out / "stage1")
+        trained_stage1 = done is None
+        summary["stage1"] = done or train(recipe.stage1, out / "stage1", progress=progress)
         recipe.stage2.stage2.init = str(out / "stage1" / "model")
     else:
         recipe.stage2.stage2.init = ""
     t1 = time.perf_counter()
-    # a stage 1 trained just now has already reported its query diversity (and warned if collapsed)
     summary["stage2"] = _finished(out / "stage2") or train(recipe.stage2, out / "stage2", progress=progress,
-                                                           check_init=not recipe.run_stage1 or stage1_done is not None)
+                                                           check_init=not trained_stage1)
     summary["seconds_this_invocation"] = {"stage1": round(t1 - t0, 1), "stage2": round(time.perf_counter() - t1, 1)}
     if "rank" not in summary["stage2"]:  # the main process (the only one under torchrun that evaluates)
         write_json(out / "summary.json", summary)
