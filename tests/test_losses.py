@@ -216,6 +216,23 @@ def test_query_div_adds_the_weighted_similarity_and_logs_it_unweighted(tiny_mode
         Stage1LossConfig(query_div=-1.0)
 
 
+def test_itm_weight_scales_only_itm_and_logs_it_unweighted(tiny_model):
+    tiny_model.eval()  # no dropout: both objectives see the same terms
+    ids, mask = tiny_model.tokenize(["a red circle", "two blue squares on the left", "a star"])
+    feats = torch.randn(3, 5, 24)
+
+    def run(objective):
+        return objective(tiny_model, feats, ids, mask, torch.arange(3), torch.Generator().manual_seed(0), 0)
+
+    plain, heavy = run(Stage1Loss()), run(Stage1Loss(itm_weight=5.0))
+    for term in ("itc", "itm", "itg"):
+        assert heavy[term].item() == plain[term].item()
+    want = plain["itc"] + 5.0 * plain["itm"] + plain["itg"]
+    assert heavy["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="itm_weight"):
+        Stage1LossConfig(itm_weight=0.0)
+
+
 def test_itg_gradient_flows_through_cached_query_keys_values(tiny_model):
     tiny_model.train()
     ids, mask = tiny_model.tokenize(["a red circle at the top", "a star"])

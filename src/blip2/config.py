@@ -189,8 +189,15 @@ class Stage1LossConfig:
     # image, over all pairs of different queries (0 = off, as the reference). The Flickr8k recipe's
     # 16 MiniLM-initialised queries otherwise tend to merge into one vector, which starves stage 2.
     query_div: float = 0.0
+    # ITM's weight in the loss (1 = the reference). ITM sits at its prior (0.636) while the queries
+    # ignore the text in the joint pass; a larger weight gives its small gradient a larger share of
+    # the shared layers' Adam updates and shortens that plateau (docs/RESULTS.md, "ITM leaves its
+    # plateau").
+    itm_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.itm_weight > 0:
+            raise ValueError(f"loss.itm_weight must be > 0 (use loss.itm=false to drop ITM), got {self.itm_weight}")
         if self.itg_ramp_steps < 0:
             raise ValueError(f"loss.itg_ramp_steps must be >= 0 (0 = no ramp), got {self.itg_ramp_steps}")
         if self.query_div < 0:
@@ -279,6 +286,12 @@ class TrainConfig:
     ckpt_every: int = 200
     # torch intra-op threads (0 = leave torch's default).
     threads: int = 0
+    # Learning-rate multipliers by parameter name, {regex: multiplier}: a parameter takes the first
+    # pattern that re.search-es its name (others 1), e.g. {crossattention: 10}. The Flickr8k
+    # stage-1 recipe trains the cross-attention layers, which no text checkpoint initialises, at
+    # 10x, so that ITM leaves its plateau (docs/RESULTS.md, "ITM leaves its plateau"). Stage 2's
+    # prompt_lr_mult takes precedence over these for llm_proj and the query tokens.
+    lr_mult: dict[str, float] = field(default_factory=dict)
     # Deterministic kernels (torch.use_deterministic_algorithms): bit-identical reruns and resumes
     # (without it, CPU reductions such as the ln_vision bias gradient vary in the last bits);
     # ~1.1x step time on the 2-core CPU (bench/stage1_throughput.py).
@@ -310,6 +323,14 @@ class TrainConfig:
             raise ValueError("train.warmup_steps must be >= 0")
         if self.adam_eps <= 0:
             raise ValueError("train.adam_eps must be positive")
+        for pattern, mult in self.lr_mult.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"train.lr_mult key {pattern!r} is not a regular expression ({e}); "
+                                 "keys are patterns searched in parameter names, e.g. 'crossattention'") from None
+            if not mult > 0:
+                raise ValueError(f"train.lr_mult[{pattern!r}] must be a positive multiplier, got {mult}")
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.grad_clip_from < 0:
@@ -499,6 +520,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise TypeError(f"config key {where}: expected a list, got {value!r}")
         return [_coerce(typing.get_args(tp)[0], v, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"config key {where}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(key_tp, k, where): _coerce(value_tp, v, f"{where}[{k!r}]") for k, v in value.items()}
     if origin is tuple:
         return tuple(_coerce(a, v, where) for a, v in zip(typing.get_args(tp), value, strict=True))
     if tp is float and not isinstance(value, bool):

@@ -237,10 +237,10 @@ class Stage1Loss(nn.Module):
 
     def __init__(self, itc: bool = True, itm: bool = True, itg: bool = True, label_smoothing: float = 0.1,
                  itc_grad: str = "reference", itc_targets: str = "soft", rank: int = 0, world_size: int = 1,
-                 itg_ramp_steps: int = 0, query_div: float = 0.0):
+                 itg_ramp_steps: int = 0, query_div: float = 0.0, itm_weight: float = 1.0):
         super().__init__()
         self.use = {"itc": itc, "itm": itm, "itg": itg}
-        self.itg_ramp_steps, self.query_div = itg_ramp_steps, query_div
+        self.itg_ramp_steps, self.query_div, self.itm_weight = itg_ramp_steps, query_div, itm_weight
         self.itc = ITCLoss(label_smoothing, itc_grad, itc_targets, rank, world_size)
         self.itm = ITMLoss(rank, world_size)
         self.itg = ITGLoss(label_smoothing, world_size)
@@ -271,6 +271,8 @@ class Stage1Loss(nn.Module):
             terms["itg"] = terms["itg"] * min(1.0, (step + 1) / self.itg_ramp_steps)
         if self.query_div:
             terms["query_div"] = terms["query_div"] * self.query_div
+        if self.use["itm"] and self.itm_weight != 1.0:
+            terms["itm"] = terms["itm"] * self.itm_weight
         out["loss"] = sum(terms.values())  # type: ignore[assignment]
         return out
 

@@ -34,6 +34,39 @@ def test_warmup_then_cosine_to_floor():
 
 
 
+def _names_by_mult(model, opt) -> dict[float, set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_mult: dict[float, set[str]] = {}
+    for g in opt.param_groups:
+        by_mult.setdefault(g["lr_mult"], set()).update(names[id(p)] for p in g["params"])
+    return by_mult
+
+
+def test_lr_multiplier_patterns_are_searched_and_the_first_match_wins():
+    model = Blip2(Blip2Config(qformer=tiny_qformer()))
+    cross = {n for n, _ in model.named_parameters() if ".crossattention." in n}
+    assert cross  # every cross-attention layer, found by the pattern wherever it sits in the name
+    opt = build_optimizer(model, TrainConfig(), {r"crossattention\.self": 3.0, "crossattention": 10.0})
+    by_mult = _names_by_mult(model, opt)
+    assert by_mult[3.0] == {n for n in cross if ".crossattention.self." in n}
+    assert by_mult[10.0] == {n for n in cross if ".crossattention.self." not in n}
+    assert by_mult[1.0] == {n for n, _ in model.named_parameters()} - cross
+
+
+def test_train_lr_mult_is_validated_and_read_from_yaml_overrides():
+    from blip2.config import Stage1Recipe, from_dict, load_recipe, to_dict
+
+    recipe = load_recipe(None, ["train.lr_mult={crossattention|itm_head: 10}"])
+    assert recipe.train.lr_mult == {"crossattention|itm_head": 10.0}
+    assert from_dict(Stage1Recipe, to_dict(recipe)).train.lr_mult == recipe.train.lr_mult  # saved with the model
+    with pytest.raises(ValueError, match="not a regular expression"):
+        TrainConfig(lr_mult={"cross(": 10.0})
+    with pytest.raises(ValueError, match="positive multiplier"):
+        TrainConfig(lr_mult={"crossattention": 0.0})
+    with pytest.raises(TypeError, match="expected a mapping"):
+        load_recipe(None, ["train.lr_mult=10"])
+
+
 def test_lr_multiplier_groups_by_prefix():
     model = Blip2(Blip2Config(qformer=tiny_qformer()))
     opt = build_optimizer(model, TrainConfig(weight_decay=0.05), {"qformer.query_tokens": 10.0, "itm_head.": 10.0})

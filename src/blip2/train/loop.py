@@ -176,7 +176,8 @@ def objective_for(recipe: Recipe, world: World):
         return lambda model, batch, feats, gen, step: lm(model, feats, batch.prompts, batch.texts, gen)
     lc = recipe.loss
     s1 = Stage1Loss(lc.itc, lc.itm, lc.itg, lc.label_smoothing, lc.itc_grad, lc.itc_targets, rank=world.rank,
-                    world_size=world.world_size, itg_ramp_steps=lc.itg_ramp_steps, query_div=lc.query_div)
+                    world_size=world.world_size, itg_ramp_steps=lc.itg_ramp_steps, query_div=lc.query_div,
+                    itm_weight=lc.itm_weight)
     return lambda model, batch, feats, gen, step: s1(model, feats, batch.ids, batch.mask, batch.image_ids, gen,
                                                      step)
 
@@ -294,7 +295,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     lengths = [len(p) + len(t) for _, p, t in pairs.pairs] if tc.group_by_length else None  # characters
     sampler = EpochSampler(len(pairs), tc.batch_size, tc.seed, lengths, tc.group_by_length)
     mult = recipe.stage2.prompt_lr_mult if stage == 2 else 1.0
-    optimizer = build_optimizer(model, tc, {"llm_proj.": mult, "qformer.query_tokens": mult} if mult != 1.0 else None)
+    prompt_mult = {r"^llm_proj\.": mult, r"^qformer\.query_tokens$": mult} if mult != 1.0 else {}
+    optimizer = build_optimizer(model, tc, {**prompt_mult, **tc.lr_mult})  # first match wins
     objective = objective_for(recipe, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and needs none

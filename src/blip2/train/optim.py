@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -14,15 +15,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr_mult: dict[str, float
                     ) -> torch.optim.AdamW:
     """Weight decay on >= 2-D weights; none on norms, biases and the temperature (as the reference).
 
-    `lr_mult` maps parameter-name prefixes to learning-rate multipliers (each group keeps its
-    multiplier in group["lr_mult"]; the schedule sets lr = lr_at(step) * lr_mult).
+    `lr_mult` maps regular expressions to learning-rate multipliers: a parameter takes the first
+    pattern found (re.search) in its name, else 1 (each group keeps its multiplier in
+    group["lr_mult"]; the schedule sets lr = lr_at(step) * lr_mult).
     """
-    lr_mult = lr_mult or {}
+    lr_mult = {re.compile(k): m for k, m in (lr_mult or {}).items()}
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        mult = next((m for prefix, m in lr_mult.items() if name.startswith(prefix)), 1.0)
+        mult = next((m for prefix, m in lr_mult.items() if prefix.search(name)), 1.0)
         groups.setdefault((p.ndim >= 2, mult), []).append(p)
     return torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
                               for (decay, mult), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))],
