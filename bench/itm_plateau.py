@@ -88,14 +88,15 @@ def main() -> None:
     tokenizer = load_tokenizer("packaged", 30523)
     t0 = time.time()
     means: dict[str, float] = {}
+    reference = parse(variants[0])[0]  # ratios are against the first variant
     print(f"steps until ITM < 0.5 (of {args.steps}; '-' = never), seeds {seeds}")
     for variant in variants:
         name = parse(variant)[0]
         hits = [steps_to_leave(variant, s, args.steps, tokenizer) for s in seeds]
         means[name] = statistics.mean(args.steps if h is None else h for h in hits)
-        ratio = means[parse(variants[0])[0]] / means[name]
+        ratio = means[reference] / means[name]
         print(f"{name:20s} {' '.join('-' if h is None else str(h) for h in hits):24s} mean {means[name]:6.1f}  "
-              f"{ratio:.2f}x faster than {parse(variants[0])[0]}", flush=True)
+              f"{ratio:.2f}x faster than {reference}", flush=True)
     print(f"({time.time() - t0:.0f} s; python bench/itm_plateau.py --seeds {args.seeds} --steps {args.steps})")
 
 

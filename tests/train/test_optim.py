@@ -33,7 +33,6 @@ def test_warmup_then_cosine_to_floor():
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
-
 def _names_by_mult(model, opt) -> dict[float, set[str]]:
     names = {id(p): n for n, p in model.named_parameters()}
     by_mult: dict[float, set[str]] = {}
@@ -70,10 +69,8 @@ def test_train_lr_mult_is_validated_and_read_from_yaml_overrides():
 def test_lr_multiplier_groups_by_prefix():
     model = Blip2(Blip2Config(qformer=tiny_qformer()))
     opt = build_optimizer(model, TrainConfig(weight_decay=0.05), {"qformer.query_tokens": 10.0, "itm_head.": 10.0})
-    names = {id(p): n for n, p in model.named_parameters()}
-    by_mult: dict[float, set[str]] = {}
     for g in opt.param_groups:
-        by_mult.setdefault(g["lr_mult"], set()).update(names[id(p)] for p in g["params"])
         assert g["weight_decay"] == (0.05 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+    by_mult = _names_by_mult(model, opt)
     assert by_mult[10.0] == {"qformer.query_tokens", "itm_head.weight", "itm_head.bias"}
     assert sum(len(v) for v in by_mult.values()) == sum(1 for _ in model.parameters())

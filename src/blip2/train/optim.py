@@ -19,12 +19,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr_mult: dict[str, float
     pattern found (re.search) in its name, else 1 (each group keeps its multiplier in
     group["lr_mult"]; the schedule sets lr = lr_at(step) * lr_mult).
     """
-    lr_mult = {re.compile(k): m for k, m in (lr_mult or {}).items()}
+    patterns = [(re.compile(k), m) for k, m in (lr_mult or {}).items()]
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        mult = next((m for prefix, m in lr_mult.items() if prefix.search(name)), 1.0)
+        mult = next((m for pattern, m in patterns if pattern.search(name)), 1.0)
         groups.setdefault((p.ndim >= 2, mult), []).append(p)
     return torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
                               for (decay, mult), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))],
