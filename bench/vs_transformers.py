@@ -3,6 +3,7 @@
     python bench/vs_transformers.py [--models tiny,default,MODEL_DIR] [--batches 1,8,32]
                                     [--max-new-tokens 30] [--device cpu|cuda] [--lm-tokenizer DIR]
                                     [--qformer-tokenizer DIR] [--images KARPATHY_JSON]
+                                    [--static-cache] [--random-lm]
 
 For each model a transformers checkpoint is written to a temporary directory; transformers loads it
 with its own classes, ours imports the same directory (`Blip2.from_dir`). Then:
@@ -13,6 +14,11 @@ with its own classes, ours imports the same directory (`Blip2.from_dir`). Then:
     to the maximum length; SmolLM2 stops when it is done, and ours drops finished inputs;
   * VQA with several questions about one image (images x questions rows): transformers runs the
     ViT and Q-Former for every row, ours once per image;
+  * "ours" decodes with the dynamic KV cache (decode.static_cache=off); with --static-cache it is
+    also timed with static_cache=on (a preallocated KV cache, on CUDA one captured CUDA graph per
+    decode step, blip2.static_decode; the default "auto" picks it on CUDA), tokens compared too.
+    Each timed call is a fresh generate(); the best of --repeats reuses the graph captured by the
+    first call of that shape, as an evaluation loop does;
   * ITM re-ranking: pairs/s of `Blip2ForImageTextRetrieval(use_image_text_matching_head=True)` vs
     ours scoring 32 captions against one image; the ITM logits must agree to 1e-4.
 
@@ -25,7 +31,9 @@ at their natural length, as in use; VQA timing uses the same images; ITM is not 
 
 Models: "tiny" = a tiny-but-realistic random config (ViT 4x256 at 224 px, Q-Former 4x256 with 32
 queries, OPT-style 6x512 LM with a 50k vocabulary); "default" = the packaged SmolLM2-135M (real
-weights) behind a Q-Former of the default size (6x384, 12 heads, 32 queries). transformers' BLIP-2
+weights; with --random-lm its architecture with random weights, e.g. where the 540 MB of weights
+cannot travel: the config.json in --lm-tokenizer is used) behind a Q-Former of the default size
+(6x384, 12 heads, 32 queries). transformers' BLIP-2
 only accepts its own ViT, so both models use a random ViT-S/16-sized tower in place of
 EfficientNet-Lite0; it costs the same for both sides.
 """
@@ -37,6 +45,7 @@ import json
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -59,8 +68,8 @@ def _qformer_cfg(tf, width: int, layers: int, heads: int, ffn: int, text: bool):
                                  num_attention_heads=heads, intermediate_size=ffn, use_qformer_text_input=text)
 
 
-def build_checkpoints(name: str, root: Path, lm_tokenizer: str | None = None, qformer_tokenizer: str = "packaged"
-                      ) -> tuple[Path, Path]:
+def build_checkpoints(name: str, root: Path, lm_tokenizer: str | None = None, qformer_tokenizer: str = "packaged",
+                      random_lm: bool = False) -> tuple[Path, Path]:
     """(generation dir, retrieval dir) with the same vision tower and Q-Former weights."""
     import transformers as tf
 
@@ -76,8 +85,11 @@ def build_checkpoints(name: str, root: Path, lm_tokenizer: str | None = None, qf
         lm, tok = tf.OPTForCausalLM(text_cfg), _gpt2_like_tokenizer(lm_tokenizer)
     else:
         vis, qf = _vision_cfg(tf, 384, 6), (384, 6, 12, 1536)
-        src = packaged_llm_dir()
-        lm = tf.AutoModelForCausalLM.from_pretrained(src, local_files_only=True)
+        src = lm_tokenizer or packaged_llm_dir()
+        if random_lm:
+            lm = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(src, local_files_only=True))
+        else:
+            lm = tf.AutoModelForCausalLM.from_pretrained(src, local_files_only=True)
         tok = tf.AutoTokenizer.from_pretrained(src, local_files_only=True)
         text_cfg = lm.config
     tok.add_tokens(["<image>"], special_tokens=True)
@@ -158,13 +170,13 @@ def _first_or_random(images: torch.Tensor | None, n: int, seed: int) -> torch.Te
 
 
 def bench_captioning(hf, ours, batches, max_new, repeats, prompt: str = "a photo of",
-                     images: torch.Tensor | None = None) -> list[dict]:
+                     images: torch.Tensor | None = None, static: bool = False) -> list[dict]:
     rows = []
     p_ids = ours.llm.encode_prompts([prompt])[0]
     image_id, q = hf.config.image_token_index, hf.config.num_query_tokens
     for decode in ("greedy", "beam5"):
         cfg = DecodeConfig(num_beams=1 if decode == "greedy" else 5, max_new_tokens=max_new,
-                           min_new_tokens=min(8, max_new))  # the captioning defaults
+                           min_new_tokens=min(8, max_new), static_cache="off")  # captioning defaults, dynamic cache
         for b in batches:
             pixels = _first_or_random(images, b, seed=b).to(ours.device)
             ids = torch.tensor([[image_id] * q + p_ids] * b, device=ours.device)
@@ -175,11 +187,20 @@ def bench_captioning(hf, ours, batches, max_new, repeats, prompt: str = "a photo
             rows.append({"task": "caption", "decode": decode, "batch": b, "transformers_img_s": b / t_hf,
                          "ours_img_s": b / t_us, "speedup": t_hf / t_us, "identical_tokens": out_hf == out_us,
                          "mean_new_tokens": sum(map(len, out_us)) / b})
+            if static:
+                with torch.no_grad():
+                    run = partial(ours_generate, ours, pixels, [p_ids] * b, replace(cfg, static_cache="on"))
+                    t_first, _ = timed(run, 1)  # includes capturing this shape's graph
+                    t_st, out_st = timed(run, repeats)
+                rows[-1].update(ours_static_img_s=b / t_st, speedup_static=t_hf / t_st,
+                                identical_tokens_static=out_st == out_hf, static_first_call_s=t_first,
+                                static_call_s=t_st)
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def bench_questions(hf, ours, n_images, n_questions, max_new, repeats, images: torch.Tensor | None = None) -> dict:
+def bench_questions(hf, ours, n_images, n_questions, max_new, repeats, images: torch.Tensor | None = None,
+                    static: bool = False) -> dict:
     """Several prompts about one image: transformers encodes the image once per row, ours once."""
     from blip2.tasks import vqa_prompt
 
@@ -198,7 +219,7 @@ def bench_questions(hf, ours, n_images, n_questions, max_new, repeats, images: t
                        device=ours.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * (q + len(p)) for _ in range(n_images) for p in p_ids],
                         device=ours.device)
-    cfg = DecodeConfig(num_beams=5, max_new_tokens=max_new, min_new_tokens=1, length_penalty=-1.0)
+    cfg = DecodeConfig(num_beams=5, max_new_tokens=max_new, min_new_tokens=1, length_penalty=-1.0, static_cache="off")
 
     def run_hf():
         out = hf.generate(pixel_values=rows_px, input_ids=ids, attention_mask=mask, do_sample=False, num_beams=5,
@@ -207,17 +228,22 @@ def bench_questions(hf, ours, n_images, n_questions, max_new, repeats, images: t
         rows = out[:, ids.shape[1]:].tolist()
         return [r[: r.index(ours.llm.eos_id)] if ours.llm.eos_id in r else r for r in rows]
 
-    def run_ours():
+    def run_ours(decode: DecodeConfig):
         soft = ours.soft_prompt(ours.image_features(pixels)).repeat_interleave(n_questions, 0)
-        return generate_ids(ours.llm, soft, p_ids * n_images, cfg)
+        return generate_ids(ours.llm, soft, p_ids * n_images, decode)
 
     with torch.no_grad():
         t_hf, out_hf = timed(run_hf, repeats)
-        t_us, out_us = timed(run_ours, repeats)
+        t_us, out_us = timed(partial(run_ours, cfg), repeats)
     n = n_images * n_questions
     row = {"task": f"vqa {n_images} img x {n_questions} q", "decode": "beam5", "batch": n,
            "transformers_q_s": n / t_hf, "ours_q_s": n / t_us, "speedup": t_hf / t_us,
            "identical_tokens": out_hf == out_us}
+    if static:
+        with torch.no_grad():
+            timed(partial(run_ours, replace(cfg, static_cache="on")), 1)  # captures this shape's graph
+            t_st, out_st = timed(partial(run_ours, replace(cfg, static_cache="on")), repeats)
+        row.update(ours_static_q_s=n / t_st, speedup_static=t_hf / t_st, identical_tokens_static=out_st == out_hf)
     print(json.dumps(row), flush=True)
     return row
 
@@ -255,6 +281,10 @@ def main() -> None:
     ap.add_argument("--lm-tokenizer", default=None,
                     help="tokenizer directory for the tiny model's LM (default: the packaged SmolLM2's)")
     ap.add_argument("--qformer-tokenizer", default="packaged", help="BERT tokenizer directory for the ITM model")
+    ap.add_argument("--static-cache", action="store_true",
+                    help="also time ours with decode.static_cache (CUDA graphs on a GPU)")
+    ap.add_argument("--random-lm", action="store_true",
+                    help="'default' model: SmolLM2's architecture with random weights (config from --lm-tokenizer)")
     ap.add_argument("--images", default="../shared/data/flickr8k/dataset_flickr8k.json",
                     help="Karpathy JSON whose val images a trained model (a MODEL_DIR in --models) captions")
     args = ap.parse_args()
@@ -271,13 +301,14 @@ def main() -> None:
             bench_trained(Path(name), device, batches, args)
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            gen_dir, ret_dir = build_checkpoints(name, Path(tmp), args.lm_tokenizer, args.qformer_tokenizer)
+            gen_dir, ret_dir = build_checkpoints(name, Path(tmp), args.lm_tokenizer, args.qformer_tokenizer,
+                                                 args.random_lm)
             hf = tf.Blip2ForConditionalGeneration.from_pretrained(gen_dir).to(device).eval()
             ours = Blip2.from_dir(gen_dir).to(device)
             print(f"## model {name}: LM {hf.config.text_config.model_type} "
                   f"{sum(p.numel() for p in hf.language_model.parameters()) / 1e6:.0f}M params")
-            rows = bench_captioning(hf, ours, batches, args.max_new_tokens, args.repeats)
-            rows.append(bench_questions(hf, ours, 2, 4, 10, args.repeats))
+            rows = bench_captioning(hf, ours, batches, args.max_new_tokens, args.repeats, static=args.static_cache)
+            rows.append(bench_questions(hf, ours, 2, 4, 10, args.repeats, static=args.static_cache))
             ret_hf = tf.Blip2ForImageTextRetrieval.from_pretrained(ret_dir).to(device).eval()
             rows.append(bench_itm(ret_hf, Blip2.from_dir(ret_dir).to(device), 32, args.repeats))
             summarise(name, rows)
@@ -294,8 +325,9 @@ def bench_trained(directory: Path, device: torch.device, batches: list[int], arg
     print(f"## model {directory}: encoder {ours.cfg.vision.name}, {ours.cfg.qformer.num_queries} queries, LM "
           f"{hf.config.text_config.model_type} {sum(p.numel() for p in hf.language_model.parameters()) / 1e6:.0f}M "
           f"params; caption prompt {prompt!r}; {len(images)} val images of {args.images}")
-    rows = bench_captioning(hf, ours, batches, args.max_new_tokens, args.repeats, prompt, images)
-    rows.append(bench_questions(hf, ours, 2, 4, 10, args.repeats, images))
+    rows = bench_captioning(hf, ours, batches, args.max_new_tokens, args.repeats, prompt, images,
+                            static=args.static_cache)
+    rows.append(bench_questions(hf, ours, 2, 4, 10, args.repeats, images, static=args.static_cache))
     summarise(str(directory), rows)
 
 
@@ -304,8 +336,14 @@ def summarise(name: str, rows: list[dict]) -> None:
     for r in rows:
         ok = r.get("identical_tokens", r.get("max_abs_logit_diff", 0) < 1e-4)
         length = f"  {r['mean_new_tokens']:.1f} tokens/caption" if "mean_new_tokens" in r else ""
+        static = ""
+        if "speedup_static" in r:
+            same = r["identical_tokens_static"]
+            static = f"  static cache {r['speedup_static']:.2f}x outputs {'identical' if same else 'DIFFERENT'}"
+            if "static_first_call_s" in r:
+                static += f" (first call {r['static_first_call_s']:.3f} s, then {r['static_call_s']:.3f} s)"
         print(f"{r['task']:<24} {r.get('decode', ''):<7} batch {r['batch']:>3}  ours/transformers "
-              f"{r['speedup']:.2f}x  outputs {'identical' if ok is True else ok}{length}")
+              f"{r['speedup']:.2f}x  outputs {'identical' if ok is True else ok}{static}{length}")
 
 
 if __name__ == "__main__":

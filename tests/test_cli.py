@@ -43,6 +43,17 @@ def test_generation_contract_flags():
     assert p.parse_args(["caption", "--model", "m", "a.jpg", "b.jpg"]).images == ["a.jpg", "b.jpg"]
 
 
+def test_decode_flags_reach_the_decode_config():
+    from blip2.cli import _decode_cfg
+    from blip2.config import DecodeConfig
+
+    a = build_parser().parse_args(["caption", "--model", "m", "a.jpg", "--static-cache", "on", "--num-beams", "3"])
+    cfg = _decode_cfg(a, DecodeConfig())
+    assert (cfg.static_cache, cfg.num_beams, cfg.max_new_tokens) == ("on", 3, DecodeConfig().max_new_tokens)
+    assert _decode_cfg(build_parser().parse_args(["caption", "--model", "m", "a.jpg"]), DecodeConfig()).static_cache \
+        == "auto"
+
+
 def test_every_command_that_loads_a_model_takes_device_and_precision():
     p = build_parser()
     for argv in (["caption", "--model", "m", "a.jpg"], ["ask", "--model", "m", "a.jpg", "q"],

@@ -84,9 +84,9 @@ def _load_generator(path: str, device: str = "cpu", precision: str | None = None
 def _decode_cfg(args: argparse.Namespace, base):
     import dataclasses
 
-    fields = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty",
-                                            "repetition_penalty", "no_repeat_ngram_size", "do_sample", "top_p",
-                                            "temperature", "seed") if getattr(args, k, None) is not None}
+    names = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "repetition_penalty",
+             "no_repeat_ngram_size", "do_sample", "top_p", "temperature", "seed", "static_cache")
+    fields = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if fields.get("do_sample") and "num_beams" not in fields:
         fields["num_beams"] = 1
     return dataclasses.replace(base, **fields)
@@ -205,6 +205,9 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", dest="top_p", type=float)
     g.add_argument("--temperature", type=float)
     g.add_argument("--seed", type=int)
+    g.add_argument("--static-cache", dest="static_cache", choices=("auto", "on", "off"),
+                   help="preallocated KV cache + one CUDA graph per decode step (auto: on for a decoder-only "
+                        "LM on a GPU)")
 
 
 def _device_arg(p: argparse.ArgumentParser) -> None:

@@ -381,6 +381,11 @@ class DecodeConfig:
     top_k: int = 0
     # Seed of the sampling generator (sampling is reproducible for a given batch).
     seed: int = 0
+    # Decode over a preallocated KV cache, replaying one captured CUDA graph per step on a GPU
+    # (blip2.static_decode; 2.5-4x faster beam search on an H200, same tokens). "auto" = on for a
+    # decoder-only LM on a CUDA device; "on" also runs it eagerly on a CPU (slower there: finished
+    # inputs keep their rows; for testing) and refuses an LM it cannot serve; "off" = never.
+    static_cache: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_beams < 1 or self.max_new_tokens < 1 or self.min_new_tokens < 0:
@@ -391,6 +396,8 @@ class DecodeConfig:
             raise ValueError("decode: repetition_penalty and temperature must be > 0, top_p in (0, 1]")
         if self.do_sample and self.num_beams > 1:
             raise ValueError("decode: sampling uses num_beams=1 (beam sampling is not supported)")
+        if self.static_cache not in ("auto", "on", "off"):
+            raise ValueError(f"decode.static_cache must be auto, on or off, not {self.static_cache!r}")
 
 
 @dataclass
@@ -532,6 +539,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise TypeError(f"config key {where}: expected a number, got {value!r}") from None
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads a bare on/off as a boolean
+        return "on" if value else "off"
     if tp in (int, str, bool) and not isinstance(value, tp):
         raise TypeError(f"config key {where}: expected {tp.__name__}, got {value!r}")
     return value

@@ -15,6 +15,7 @@ import torch
 
 from blip2.config import DecodeConfig
 from blip2.llm import DecodeState, FrozenLM
+from blip2.static_decode import StaticDecodeState, use_static_cache
 
 NEG = -1.0e9
 
@@ -22,11 +23,17 @@ NEG = -1.0e9
 def generate_ids(lm: FrozenLM, soft: torch.Tensor, prompts: list[list[int]], cfg: DecodeConfig
                  ) -> list[list[int]]:
     """Soft prompts (B, Q, H) + prompt ids -> generated ids per input (eos and padding removed)."""
-    state = lm.start(soft, prompts)
+    state: DecodeState | StaticDecodeState = lm.start(soft, prompts)
+    if cfg.num_beams > 1:
+        state.expand(cfg.num_beams)  # the prefix was computed once per input; beams share it
+    if use_static_cache(lm, cfg.static_cache):
+        state = StaticDecodeState(state, cfg.max_new_tokens)
     if cfg.num_beams > 1:
         out = _beam_search(state, cfg, lm.eos_id, lm.pad_id)
     else:
         out = _greedy_or_sample(state, cfg, lm.eos_id, lm.pad_id)
+    if isinstance(state, StaticDecodeState):
+        state.release()  # only after a clean run: the next call of this shape reuses cache and graph
     return [_strip(row, lm.eos_id) for row in out.tolist()]
 
 
@@ -71,7 +78,7 @@ def _warp(scores: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
     return scores
 
 
-def _greedy_or_sample(state: DecodeState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
+def _greedy_or_sample(state: DecodeState | StaticDecodeState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
     """Greedy or sampled decoding; rows that emitted eos leave the batch (their LM work stops)."""
     n, dev = state.logits.shape[0], state.logits.device
     gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.do_sample else None
@@ -97,13 +104,13 @@ def _greedy_or_sample(state: DecodeState, cfg: DecodeConfig, eos: int, pad: int)
     return out
 
 
-def _beam_search(state: DecodeState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
-    """Beam search (transformers' semantics); returns the best finished hypothesis per input (B, T),
+def _beam_search(state: DecodeState | StaticDecodeState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
+    """Beam search (transformers' semantics) over a state already expanded to B * num_beams rows;
+    returns the best finished hypothesis per input (B, T),
     padded with `pad`. An input whose running beams can no longer beat its finished ones leaves
     the batch, so the LM stops working for it (transformers keeps computing it until all are done)."""
-    b, k, lp = state.logits.shape[0], cfg.num_beams, cfg.length_penalty
-    dev = state.logits.device
-    state.expand(k)
+    k, lp = cfg.num_beams, cfg.length_penalty
+    b, dev = state.logits.shape[0] // k, state.logits.device
     start_len = state.history.shape[1]
     top_k_mask = torch.arange(2 * k, device=dev) < k  # only the best k candidates may finish
     result = torch.full((b, cfg.max_new_tokens), pad, dtype=torch.long, device=dev)

@@ -128,6 +128,9 @@ class FrozenLM(nn.Module):
         self.pad_id = int(pad) if pad is not None else self.eos_id
         self.start_id = int(hf.decoder_start_token_id) if self.is_encoder_decoder else None
         self.suppress = list(self.cfg.suppress_token_ids)  # never generated (e.g. an <image> placeholder)
+        # Preallocated decode caches and their CUDA graphs, reused by calls of the same shape
+        # (blip2.static_decode owns the contents).
+        self.static_buffers: dict[tuple[Any, ...], list[Any]] = {}
         # Most causal LMs in transformers can skip the vocabulary projection where no logits are needed.
         params = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in params
