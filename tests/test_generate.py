@@ -103,3 +103,20 @@ def test_process_scores_by_hand():
     history = torch.tensor([[0, 1, 0]])  # last token 0 was followed by 1 before -> ban 1
     out = process_scores(scores, history, n_new=9, cfg=DecodeConfig(num_beams=1, no_repeat_ngram_size=2), eos=4)
     assert out[0].tolist() == [1.0, -float("inf"), 3.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_ban_equals_a_plain_loop(n):
+    """The tensorised ban against the definition, on random histories with many repeats."""
+    gen = torch.Generator().manual_seed(n)
+    cfg = DecodeConfig(num_beams=1, no_repeat_ngram_size=n, min_new_tokens=0)
+    for length in range(0, 9):
+        history = torch.randint(0, 4, (6, length), generator=gen)  # 4 symbols: n-grams recur
+        scores = torch.randn(6, 7, generator=gen)
+        expected = scores.clone()
+        for row, hist in enumerate(history.tolist()):
+            tail = hist[len(hist) - n + 1:] if n > 1 else []
+            for i in range(len(hist) - n + 1):
+                if hist[i:i + n - 1] == tail:
+                    expected[row, hist[i + n - 1]] = -float("inf")
+        assert torch.equal(process_scores(scores, history, n_new=length, cfg=cfg, eos=6), expected)

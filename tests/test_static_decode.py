@@ -48,6 +48,19 @@ def test_static_equals_dynamic(causal_lm, setting):
         assert stopped_early
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
+def test_static_in_bf16(make):
+    """The cache, mask and logits follow the LLM's precision (`--precision bf16`)."""
+    lm = FrozenLM(make(), tiny_lm_tokenizer(), LLMConfig(precision="bf16", max_prompt_len=8, max_text_len=8))
+    for seed, beams in ((0, 1), (1, 4), (2, 4)):
+        cfg = DecodeConfig(num_beams=beams, max_new_tokens=8, min_new_tokens=0, static_cache="off")
+        soft = _soft(lm, seed=seed)
+        assert generate_ids(lm, soft, PROMPTS, dataclasses.replace(cfg, static_cache="on")) == \
+            generate_ids(lm, soft, PROMPTS, cfg)
+    bufs = [buf for free in lm.static_buffers.values() for buf in free]
+    assert bufs and all(buf.keys.dtype == buf.values.dtype == torch.bfloat16 for buf in bufs)
+
+
 def test_static_matches_transformers_beam_search(causal_lm):
     cfg = DecodeConfig(num_beams=4, max_new_tokens=10, min_new_tokens=2, static_cache="on")
     soft = _on(causal_lm, 11)

@@ -42,9 +42,10 @@ def _strip(ids: list[int], eos: int) -> list[int]:
 
 
 def process_scores(scores: torch.Tensor, history: torch.Tensor, n_new: int, cfg: DecodeConfig,
-                   eos: int, suppress: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
-    """Repetition penalty, no-repeat n-gram ban, minimum length and suppressed tokens on (N, V) scores."""
-    scores = scores.clone()
+                   eos: int, suppress: list[int] | tuple[int, ...] = (), inplace: bool = False) -> torch.Tensor:
+    """Repetition penalty, no-repeat n-gram ban, minimum length and suppressed tokens on (N, V) scores
+    (`inplace` skips the copy when the caller owns `scores`: (N, V) is 31 MB at 160 rows of SmolLM2)."""
+    scores = scores if inplace else scores.clone()
     if suppress:
         scores[:, list(suppress)] = -float("inf")
     if cfg.repetition_penalty != 1.0 and history.shape[1]:
@@ -52,12 +53,15 @@ def process_scores(scores: torch.Tensor, history: torch.Tensor, n_new: int, cfg:
         seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
         scores.scatter_(1, history, seen)
     n = cfg.no_repeat_ngram_size
-    if n and history.shape[1] + 1 >= n:
-        for row, hist in enumerate(history.tolist()):
-            tail = tuple(hist[len(hist) - n + 1:]) if n > 1 else ()
-            banned = {hist[i + n - 1] for i in range(len(hist) - n + 1) if tuple(hist[i:i + n - 1]) == tail}
-            if banned:
-                scores[row, list(banned)] = -float("inf")
+    if n and history.shape[1] >= n:
+        # Every earlier n-gram whose first n-1 tokens equal the last n-1 generated bans its last
+        # token; tensor ops, not a Python loop over rows (~1.5 ms of host time at 160 rows, about one
+        # replayed decode step of the tiny model on an H200).
+        grams = history.unfold(1, n, 1)  # (N, W, n) all n-grams so far
+        tail = history[:, history.shape[1] - n + 1:]  # (N, n-1), empty when n == 1
+        hit = (grams[:, :, : n - 1] == tail[:, None, :]).all(-1)  # (N, W)
+        rows = torch.arange(history.shape[0], device=history.device)[:, None].expand_as(hit)
+        scores[rows[hit], grams[:, :, -1][hit]] = -float("inf")
     if n_new < cfg.min_new_tokens:
         scores[:, eos] = -float("inf")
     return scores
@@ -124,12 +128,12 @@ def _beam_search(state: DecodeState | StaticDecodeState, cfg: DecodeConfig, eos:
     for t in range(cfg.max_new_tokens):
         n = active.shape[0]
         logp = process_scores(state.logits.log_softmax(-1), state.history, state.history.shape[1] - start_len,
-                              cfg, eos, state.lm.suppress)  # (N*K, V)
+                              cfg, eos, state.lm.suppress, inplace=True)  # (N*K, V)
         vocab = logp.shape[-1]
         total = (logp.view(n, k, vocab) + run_scores[:, :, None]).view(n, k * vocab)
         cand_scores, cand_idx = total.topk(2 * k, dim=-1)  # (N, 2K)
         cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
-        cand_seqs = _take(run_seqs, cand_beam).clone()  # (N, 2K, T)
+        cand_seqs = _take(run_seqs, cand_beam)  # (N, 2K, T), a new tensor (gather)
         cand_seqs[:, :, t] = cand_tok
         hits = (cand_tok == eos) | (t + 1 >= cfg.max_new_tokens)  # (N, 2K) stopping criteria
 
@@ -151,10 +155,10 @@ def _beam_search(state: DecodeState | StaticDecodeState, cfg: DecodeConfig, eos:
         best_possible = run_scores[:, 0] / float(t + 1) ** lp
         worst = torch.where(fin_flag, fin_scores.min(dim=1, keepdim=True).values, torch.full_like(fin_scores, NEG))
         improvable = (best_possible[:, None] > worst).any(dim=-1)  # (N,)
-        if not improvable.any() or t == cfg.max_new_tokens - 1:
+        go = improvable.nonzero().squeeze(1)  # (N',) inputs that keep decoding (one host sync)
+        if go.shape[0] == 0 or t == cfg.max_new_tokens - 1:
             result[active] = fin_seqs[:, 0]
             break
-        go = improvable.nonzero().squeeze(1)  # (N',) inputs that keep decoding
         if go.shape[0] < n:  # finished inputs leave the batch
             result[active[~improvable]] = fin_seqs[~improvable, 0]
             active, run_seqs, run_scores, src_beam = active[go], run_seqs[go], run_scores[go], src_beam[go]

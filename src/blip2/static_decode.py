@@ -69,7 +69,7 @@ class _Buffers:
                  device: torch.device):
         from transformers import StaticCache
 
-        self.lm, self.graphs = lm, graphs
+        self.lm, self.graphs, self.device = lm, graphs, device
         self.cache = StaticCache(config=lm.model.config, max_cache_len=length)
         heads, dim = kv_shape
         layers = len(self.cache.layers)
@@ -106,19 +106,20 @@ class _Buffers:
         if not self.graphs:
             self.forward()
             return
-        if self.graph is None:
-            side = torch.cuda.Stream()  # warm up on a side stream, as torch asks before a capture
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.forward()
-                    self.rewind(t)  # the warm-up wrote position t, which the real step overwrites
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.forward()  # recorded, not run
-            self.graph = graph
-        self.graph.replay()
+        with torch.cuda.device(self.device):  # the model's GPU, which need not be the current one
+            if self.graph is None:
+                side = torch.cuda.Stream()  # warm up on a side stream, as torch asks before a capture
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self.forward()
+                        self.rewind(t)  # the warm-up wrote position t, which the real step overwrites
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.forward()  # recorded, not run
+                self.graph = graph
+            self.graph.replay()
 
 
 class StaticDecodeState:
