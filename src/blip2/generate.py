@@ -138,17 +138,19 @@ def _beam_search(state: DecodeState | StaticDecodeState, cfg: DecodeConfig, eos:
         hits = (cand_tok == eos) | (t + 1 >= cfg.max_new_tokens)  # (N, 2K) stopping criteria
 
         # Beams that continue: the best k candidates that did not stop.
-        keep = (cand_scores + hits.float() * NEG).topk(k, dim=-1).indices  # (N, K)
+        going = cand_scores + hits.float() * NEG  # (N, 2K) stopped candidates pushed out
+        keep = going.topk(k, dim=-1).indices  # (N, K)
         run_seqs = _take(cand_seqs, keep)
-        run_scores = (cand_scores + hits.float() * NEG).gather(1, keep)
+        run_scores = going.gather(1, keep)
         src_beam = cand_beam.gather(1, keep)  # (N, K) beam each continuing candidate came from
 
         # Hypotheses that finish now, length-normalised, merged with the ones finished before.
         just = hits & top_k_mask[None, :]
         norm = cand_scores / float(t + 1) ** lp + (~just).float() * NEG
-        merged = torch.cat([fin_scores, norm], dim=1).topk(k, dim=-1).indices  # (N, K) into 3K
+        pool = torch.cat([fin_scores, norm], dim=1)  # (N, 3K)
+        merged = pool.topk(k, dim=-1).indices  # (N, K) into 3K
         fin_seqs = _take(torch.cat([fin_seqs, cand_seqs], dim=1), merged)
-        fin_scores = torch.cat([fin_scores, norm], dim=1).gather(1, merged)
+        fin_scores = pool.gather(1, merged)
         fin_flag = torch.cat([fin_flag, just], dim=1).gather(1, merged)
 
         # Can a running beam still beat the worst finished one (at its current length)?
