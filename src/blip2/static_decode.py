@@ -28,8 +28,6 @@ a longer, masked key range (tests/test_static_decode.py checks token equality on
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from blip2.llm import DecodeState, FrozenLM
@@ -148,7 +146,7 @@ class StaticDecodeState:
                              "set decode.static_cache=off for this model")
         length = -(-(prefix + max_new_tokens) // LENGTH_STEP) * LENGTH_STEP
         self._key = (n, length, k0.shape[1], k0.shape[3], lm.dtype, device, graphs)
-        free = _pool(lm).get(self._key)
+        free = lm.static_buffers.get(self._key)  # free sets of this shape, kept on the LM
         self.buf = free.pop() if free else _Buffers(lm, n, length, (k0.shape[1], k0.shape[3]), graphs, device)
         for i, p in enumerate(past):
             self.buf.keys[i, :, :, :prefix] = p.keys
@@ -183,7 +181,7 @@ class StaticDecodeState:
 
     def release(self) -> None:
         """Return the buffers (and graph) to the LM's pool; this state must not step again."""
-        pool = _pool(self.lm)
+        pool = self.lm.static_buffers
         pool[self._key] = [*pool.pop(self._key, []), self.buf]  # re-inserted: most recent last
         while sum(map(len, pool.values())) > POOL_SIZE:  # drop the least recently used
             oldest = next(iter(pool))
@@ -191,8 +189,3 @@ class StaticDecodeState:
             if not pool[oldest]:
                 del pool[oldest]
         del self.buf
-
-
-def _pool(lm: FrozenLM) -> dict[tuple[Any, ...], list[_Buffers]]:
-    """Free buffer sets of one LM, by shape (kept on the LM: they hold its cache layout and graph)."""
-    return lm.static_buffers
