@@ -130,7 +130,7 @@ def _beam_search(state: DecodeState | StaticDecodeState, cfg: DecodeConfig, eos:
         logp = process_scores(state.logits.log_softmax(-1), state.history, state.history.shape[1] - start_len,
                               cfg, eos, state.lm.suppress, inplace=True)  # (N*K, V)
         vocab = logp.shape[-1]
-        total = (logp.view(n, k, vocab) + run_scores[:, :, None]).view(n, k * vocab)
+        total = logp.view(n, k, vocab).add_(run_scores[:, :, None]).view(n, k * vocab)  # in place: logp is ours
         cand_scores, cand_idx = total.topk(2 * k, dim=-1)  # (N, 2K)
         cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
         cand_seqs = _take(run_seqs, cand_beam)  # (N, 2K, T), a new tensor (gather)
