@@ -135,6 +135,20 @@ def tiny_opt(seed: int = 0, init_std: float = 0.3):
     return OPTForCausalLM(cfg).eval()
 
 
+def tiny_gemma3(seed: int = 0, init_std: float = 0.3):
+    """A 2-layer Gemma-3-style causal LM: one sliding-window layer (window 6, shorter than the
+    sequences, so the hybrid cache is exercised) and one full layer, embeddings scaled by sqrt(H)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+                           sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                           initializer_range=init_std, tie_word_embeddings=True, bos_token_id=None,
+                           eos_token_id=1, pad_token_id=0)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
 def tiny_t5(seed: int = 0, init_std: float = 1.0):
     """A 2+2-layer T5-style encoder-decoder LM (relative positions, decoder start = pad)."""
     from transformers import T5Config, T5ForConditionalGeneration
@@ -154,10 +168,10 @@ def tiny_t5(seed: int = 0, init_std: float = 1.0):
     return model
 
 
-@pytest.fixture(params=["causal", "opt", "seq2seq"])
+@pytest.fixture(params=["causal", "opt", "gemma3", "seq2seq"])
 def tiny_lm(request):
     from blip2.config import LLMConfig
     from blip2.llm import FrozenLM
 
-    model = {"causal": tiny_llama, "opt": tiny_opt, "seq2seq": tiny_t5}[request.param]()
+    model = {"causal": tiny_llama, "opt": tiny_opt, "gemma3": tiny_gemma3, "seq2seq": tiny_t5}[request.param]()
     return FrozenLM(model, tiny_lm_tokenizer(), LLMConfig(max_prompt_len=8, max_text_len=8))

