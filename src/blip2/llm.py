@@ -135,7 +135,8 @@ def load_llm(cfg: LLMConfig) -> FrozenLM:
     """Load the configured LM from local files (a packaged LM or a transformers directory)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    path = packaged_llm_dir(which=cfg.path) if cfg.path.startswith(PACKAGED) else Path(cfg.path)
+    packaged = cfg.path == PACKAGED or cfg.path.startswith(PACKAGED + ":")  # not a directory named packaged*
+    path = packaged_llm_dir(which=cfg.path) if packaged else Path(cfg.path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"llm.path {path} is not a transformers model directory (no config.json)")
     hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
