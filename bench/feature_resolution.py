@@ -15,7 +15,6 @@ here is not encoded again by `blip2 train`.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections import Counter
 
@@ -53,8 +52,9 @@ def consensus(candidates: list[str]) -> str:
     return candidates[max(range(len(candidates)), key=scores.__getitem__)]
 
 
-def nn_captions(size: int, feature_map: str, k: int, data: str) -> tuple[dict[int, list[str]], dict[int, str], float]:
-    """(val references, val consensus captions, seconds spent encoding or loading features)."""
+def nn_captions(size: int, feature_map: str, k: int,
+                data: str) -> tuple[dict[int, list[str]], dict[int, str], int, float]:
+    """(val references, val consensus captions, image tokens, seconds spent encoding or loading features)."""
     encoder = build_vision_encoder(VisionConfig(feature_map=feature_map, image_size=size))
     t0 = time.perf_counter()
     train, train_feats = split_features(encoder, data, None, "train")
@@ -65,7 +65,7 @@ def nn_captions(size: int, feature_map: str, k: int, data: str) -> tuple[dict[in
     nearest = (pooled_val @ pooled_train.T).topk(k, dim=-1).indices  # (N_val, k)
     refs = {i: r.captions for i, r in enumerate(val)}
     cands = {i: consensus([c for j in nearest[i].tolist() for c in train[j].captions]) for i in range(len(val))}
-    return refs, cands, seconds
+    return refs, cands, val_feats.features.shape[1], seconds
 
 
 def main() -> None:
@@ -79,16 +79,14 @@ def main() -> None:
     torch.set_grad_enabled(False)
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
-        refs, cands, seconds = nn_captions(size, args.feature_map, args.k, args.data)
-        rows.append((size, caption_metrics(refs, cands), seconds))
+        refs, cands, tokens, seconds = nn_captions(size, args.feature_map, args.k, args.data)
+        rows.append((size, tokens, caption_metrics(refs, cands)))
         print(f"size {size}: features in {seconds:.0f} s, e.g. {cands[0]!r}", flush=True)
-    base = rows[0][1]
+    base = rows[0][2]
     print(f"\nnearest-neighbour captioning, Flickr8k val, k={args.k}, feature map {args.feature_map}")
     header = "  ".join(f"{m:>7}" for m in METRICS) + "  " + "  ".join(f"{'d_' + m:>9}" for m in METRICS)
     print("size  tokens  " + header)
-    stride = 32 if args.feature_map == "head" else 16
-    for size, m, _ in rows:
-        tokens = math.ceil(size / stride) ** 2
+    for size, tokens, m in rows:
         print(f"{size:4d}  {tokens:6d}  " + "  ".join(f"{m[k]:7.2f}" for k in METRICS) + "  "
               + "  ".join(f"{m[k] - base[k]:+9.2f}" for k in METRICS))
     print(f"\ncommand: python bench/feature_resolution.py --sizes {args.sizes} "
