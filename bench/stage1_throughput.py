@@ -1,6 +1,6 @@
 """Stage-1 training throughput on this machine, every ratio measured in the same run.
 
-    python bench/stage1_throughput.py [--batch-size 32] [--queries 16] [--layers 6] [--steps 5]
+    python bench/stage1_throughput.py [--batch-size 32] [--queries 16] [--layers 6] [--steps 5] [--image-sizes 224,288]
 
 Prints:
   * the machine's fp32 matmul peak (large square torch.mm), the baseline for efficiency;
@@ -8,7 +8,9 @@ Prints:
     the FLOPs of that step (torch.utils.flop_counter) and achieved FLOP/s as a fraction of the peak;
   * the same step when the frozen EfficientNet-Lite0 runs on 224 px pixels every step, and the
     speed-up that caching the frozen features buys;
-  * the cost of deterministic kernels (train.deterministic).
+  * the cost of deterministic kernels (train.deterministic);
+  * with --image-sizes, the cached step on each input resolution's feature map (EfficientNet-Lite0's
+    head map has ceil(size/32)^2 tokens), as a ratio to the first size, timed alternately.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--text-len", type=int, default=20)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--image-sizes", default="224",
+                    help="comma-separated input sizes whose cached feature maps are timed against the first")
     args = ap.parse_args()
     torch.manual_seed(0)
     b = args.batch_size
@@ -91,6 +95,23 @@ def main() -> None:
     t_det = timed(lambda: step(lambda: feats), args.steps)
     torch.use_deterministic_algorithms(False)
 
+    # Per resolution: the recipe's cached stage-1 step on that size's (B, ceil(size/32)^2, 1280) map.
+    # Rounds alternate between sizes so that a drifting machine speed hits every size alike.
+    sizes = [int(x) for x in args.image_sizes.split(",")]
+    with torch.no_grad():
+        feats_by_size = {s: model.image_features(torch.randn(b, 3, s, s)) for s in sizes}
+    times: dict[int, list[float]] = {s: [] for s in sizes}
+    for s in sizes:  # one warm-up step per size (new shapes)
+        step(lambda f=feats_by_size[s]: f)
+    for _ in range(args.steps):
+        for s in sizes:
+            t = time.perf_counter()
+            step(lambda f=feats_by_size[s]: f)
+            times[s].append(time.perf_counter() - t)
+    by_size = {s: {"tokens": feats_by_size[s].shape[1], "s_per_step": round(statistics.median(t), 3),
+                   "ratio_vs_first": round(statistics.median(t) / statistics.median(times[sizes[0]]), 3)}
+               for s, t in times.items()}
+
     result = {
         "command": "python bench/stage1_throughput.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
@@ -104,6 +125,7 @@ def main() -> None:
         "online_encoder": {"s_per_step": round(t_online, 3), "samples_per_s": round(b / t_online, 2)},
         "cache_speedup": round(t_online / t_cached, 2),
         "deterministic": {"s_per_step": round(t_det, 3), "ratio_vs_default": round(t_det / t_cached, 3)},
+        "cached_by_image_size": by_size,
     }
     print(json.dumps(result, indent=2))
 
