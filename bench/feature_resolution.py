@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from blip2.config import VisionConfig
 from blip2.data.cache import split_features
 from blip2.eval.caption import caption_metrics
+from blip2.eval.significance import ngram_counts
 from blip2.vision import build_vision_encoder
 
 DATA = "../shared/data/flickr8k/dataset_flickr8k.json"
@@ -32,7 +33,7 @@ METRICS = ("bleu4", "meteor", "rouge_l", "cider")
 
 def _grams(text: str) -> list[Counter]:
     words = text.lower().split()
-    return [Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)) for n in range(1, 5)]
+    return [ngram_counts(words, n) for n in range(1, 5)]
 
 
 def _f1(a: list[Counter], b: list[Counter]) -> float:

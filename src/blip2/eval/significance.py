@@ -22,6 +22,11 @@ import numpy as np
 _TINY, _SMALL = 1e-15, 1e-9
 
 
+def ngram_counts(words: Sequence[str], n: int) -> Counter:
+    """How often each n-gram (a tuple of n words) occurs in `words`."""
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
 def bleu_stats(references: Sequence[str], candidate: str, max_n: int = 4) -> np.ndarray:
     """Per-image BLEU statistics of tokenized (space-separated) text:
     [matches_1, guesses_1, ..., matches_n, guesses_n, candidate_len, closest_reference_len].
@@ -35,10 +40,10 @@ def bleu_stats(references: Sequence[str], candidate: str, max_n: int = 4) -> np.
     refs = [r.split() for r in references]
     row: list[float] = []
     for n in range(1, max_n + 1):
-        grams = Counter(tuple(cand[i:i + n]) for i in range(len(cand) - n + 1))
+        grams = ngram_counts(cand, n)
         most: Counter = Counter()
         for ref in refs:
-            for g, k in Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1)).items():
+            for g, k in ngram_counts(ref, n).items():
                 most[g] = max(most[g], k)
         row += [sum(min(k, most[g]) for g, k in grams.items()), max(len(cand) - n + 1, 0)]
     closest = min((abs(len(r) - len(cand)), len(r)) for r in refs)[1]
