@@ -159,7 +159,8 @@ def cmd_eval_vqa(args: argparse.Namespace) -> int:
     questions = load_questions(args.data, args.images, args.split)[: args.max_questions]
     options = [o.strip() for o in args.options.split(",")] if args.options else None
     result = evaluate_vqa(model, questions, _decode_cfg(args, VQA_DECODE), args.batch_size, options,
-                          cache_dir=args.cache_dir, num_workers=args.workers, progress=not args.json)
+                          cache_dir=args.cache_dir, num_workers=args.workers, progress=not args.json,
+                          predictions=args.predictions)
     _print_result(result, args.json)
     return 0
 
@@ -259,6 +260,14 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
     report = write_shards_from(args.data, args.out, args.images, args.split, args.maxcount)
     print(json.dumps({k: v for k, v in report.items() if k != "shards"} | {"num_shards": len(report["shards"])}))
+    return 0
+
+
+def cmd_yesno(args: argparse.Namespace) -> int:
+    from blip2.data.yesno import add_yesno_questions
+
+    report = add_yesno_questions(args.data, args.out, args.per_image, args.negatives, args.seed)
+    print(json.dumps(report, indent=1))
     return 0
 
 
@@ -458,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(ev_vqa, "questions: {'questions': [...]} JSON, JSONL, or Karpathy JSON with qa lists")
     ev_vqa.add_argument("--options", default=None, help="comma-separated closed set ranked by likelihood")
     ev_vqa.add_argument("--max-questions", type=int, default=None)
+    ev_vqa.add_argument("--predictions", default=None, metavar="JSONL",
+                        help="write every answer with its question and references (and option scores) to this file")
     _decode_args(ev_vqa)
     ev_vqa.set_defaults(func=cmd_eval_vqa)
 
@@ -486,6 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--out", required=True, help="output directory (shard-000000.tar, ..., shards.json)")
     sh.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     sh.set_defaults(func=cmd_shards)
+
+    yn = sub.add_parser("yesno", help="derive POPE-style yes/no object questions from captions (a Karpathy JSON "
+                        "whose images carry 'qa' lists, for stage2.use_qa training and eval vqa)")
+    yn.add_argument("--data", required=True, help="Karpathy JSON with captions")
+    yn.add_argument("--out", required=True, help="output Karpathy JSON (images resolve as --data's: pass the "
+                    "image folder as --images / data.images when it is written elsewhere)")
+    yn.add_argument("--per-image", type=int, default=3, help="'yes' questions per image (and as many 'no')")
+    yn.add_argument("--negatives", choices=("frequency", "random"), default="frequency",
+                    help="absent categories drawn by how often images name them (balanced per category) "
+                    "or uniformly (POPE's random setting)")
+    yn.add_argument("--seed", type=int, default=0)
+    yn.set_defaults(func=cmd_yesno)
 
     cf = sub.add_parser("capfilt", help="bootstrap captions: sample synthetic ones, keep the top-k by ITC/ITM score")
     cf.add_argument("--model", required=True, help="captioner (a stage-2 model)")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from blip2.cli import main
 from blip2.config import Stage2Recipe, load_recipe
 from blip2.data.scenes import write_scenes
+from blip2.eval.vqa import vqa_accuracy
 from blip2.model import Blip2
 from blip2.train import checkpoint
 from blip2.train.loop import COLLAPSED_QUERY_COS, train
@@ -102,9 +103,17 @@ def test_stage2_kill_resume_bit_identical_then_inference(setup, tmp_path, capsys
     assert [p["caption"] for p in preds[:len(result["examples"])]] == [e["caption"] for e in result["examples"]]
     assert result["mean_caption_words"] == sum(len(p["caption"].split()) for p in preds) / 3
     assert main(["eval", "vqa", "--model", model_dir, "--data", str(ann), "--split", "val", "--options", "yes,no",
-                 "--workers", "0", "--cache-dir", str(root / "cache"), "--max-questions", "6", "--json"]) == 0
+                 "--workers", "0", "--cache-dir", str(root / "cache"), "--max-questions", "6", "--json",
+                 "--predictions", str(tmp_path / "answers.jsonl")]) == 0
     vqa = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert vqa["num_questions"] == 6 and 0 <= vqa["accuracy"] <= 100
+    # every answer is written; it is the option with the higher log-likelihood, and scores the accuracy
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 6 and answers[:len(vqa["examples"])] == [
+        {**e, "scores": a["scores"]} for e, a in zip(vqa["examples"], answers, strict=False)]
+    assert all(a["predicted"] == max(a["scores"], key=a["scores"].get) for a in answers)
+    assert vqa["accuracy"] == pytest.approx(
+        100 * sum(vqa_accuracy(a["predicted"], a["answers"]) for a in answers) / 6)
 
 
 def test_stage2_from_scratch_and_reload_generates_the_same(setup, tmp_path):

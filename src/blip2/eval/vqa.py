@@ -130,12 +130,15 @@ def load_questions(path: str, images: str | None = None, split: str | None = Non
 
 def evaluate_vqa(model, questions: list[tuple[str, str, list[str]]], decode=None, batch_size: int = 16,
                  options: list[str] | None = None, template: str = "", cache_dir: str | None = None,
-                 num_workers: int = 2, progress: bool = True) -> dict:
+                 num_workers: int = 2, progress: bool = True, predictions: str | None = None) -> dict:
     """Zero-shot VQA: generate short answers (or rank `options` by LLM likelihood) and score them.
 
     Reports VQAv2 accuracy; when every reference is yes/no, accuracy/precision/recall/F1 after mapping
     each answer to yes/no (POPE's protocol), the unmapped VQA score kept as `exact_match`.
+    `predictions` names a JSONL file that receives every answer with its question and references
+    (and, ranked, every option's log-likelihood), for per-category or per-image breakdowns.
     """
+    import json
     import time
 
     import torch
@@ -153,11 +156,13 @@ def evaluate_vqa(model, questions: list[tuple[str, str, list[str]]], decode=None
     prompts = [vqa_prompt(model.llm, q, template) for _, q, _ in kept]
     feats = cached.features[idx]
     model.eval()
+    option_scores: list[list[float]] = []
     if options:
         preds = []
         for s in range(0, len(kept), batch_size):
             scores = rank_options(model, feats[s:s + batch_size].float(), prompts[s:s + batch_size], options)
             preds += [options[j] for j in scores.argmax(-1).tolist()]
+            option_scores += scores.tolist()
     else:
         preds = generate_for(model, feats, prompts, decode or VQA_DECODE, batch_size, progress, "answering")
     acc = sum(vqa_accuracy(p, a) for p, (_, _, a) in zip(preds, kept, strict=True)) / len(kept)
@@ -169,7 +174,14 @@ def evaluate_vqa(model, questions: list[tuple[str, str, list[str]]], decode=None
         # POPE's protocol: map each answer to yes/no first; "accuracy" is then the mapped accuracy
         result["exact_match"] = result["accuracy"]
         result.update(yes_no_scores(preds, [normalize_answer(g) for g in gold]))
-    result["examples"] = [{"image": p, "question": q, "answers": a, "predicted": x}
-                          for x, (p, q, a) in list(zip(preds, kept, strict=True))[:8]]
+    rows = [{"image": p, "question": q, "answers": a, "predicted": x}
+            for x, (p, q, a) in zip(preds, kept, strict=True)]
+    if predictions:
+        from blip2.io import atomic_write_text
+
+        for r, sc in zip(rows, option_scores, strict=False):  # generated answers have no option scores
+            r["scores"] = dict(zip(options or [], sc, strict=True))
+        atomic_write_text(predictions, "".join(json.dumps(r) + "\n" for r in rows))
+    result["examples"] = rows[:8]
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
