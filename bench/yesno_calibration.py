@@ -22,16 +22,7 @@ import torch
 from blip2.cli import _load_generator
 from blip2.data.cache import cached_features
 from blip2.eval.vqa import load_questions, yes_no_scores
-from blip2.tasks import vqa_prompt
-
-
-def option_scores(model, soft: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """(B, 2) summed log-probabilities of "yes" and "no" after each soft prompt + prompt."""
-    lm = model.llm
-    p_ids = lm.encode_prompts(prompts)
-    cols = [lm.sequence_logprob(soft, p_ids, lm.encode_targets(prompts, [o] * len(prompts), model.cfg.llm.max_text_len))
-            for o in ("yes", "no")]
-    return torch.stack(cols, -1).float()
+from blip2.tasks import option_logprobs, vqa_prompt
 
 
 def auc(diff: torch.Tensor, gold: list[str]) -> float:
@@ -74,7 +65,7 @@ def main() -> None:
                 for s in range(0, len(qs), args.batch_size):
                     n = len(prompts[s:s + args.batch_size])
                     sp = soft_all[idx[s:s + n]] if soft is None else soft.expand(n, -1, -1)
-                    parts.append(option_scores(model, sp, prompts[s:s + n]))
+                    parts.append(option_logprobs(model, sp, prompts[s:s + n], ["yes", "no"]))
                 scores[name] = torch.cat(parts)  # (M, 2)
         raw = scores["none (raw)"][:, 0] - scores["none (raw)"][:, 1]
         for name, sc in scores.items():

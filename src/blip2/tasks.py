@@ -31,9 +31,17 @@ def rank_options(model, image_feats: torch.Tensor, prompts: list[str], options: 
     Scores are summed token log-probabilities of the option (+ eos) under the LLM, the same
     quantity stage 2 trains, so yes/no and multiple choice need no generation.
     """
+    assert model.llm is not None, "this is a stage-1 model (no LLM)"
+    return option_logprobs(model, model.soft_prompt(image_feats), prompts, options)
+
+
+@torch.no_grad()
+def option_logprobs(model, soft: torch.Tensor, prompts: list[str], options: list[str]) -> torch.Tensor:
+    """(B, O) log-likelihood of every option after a given soft prompt (B, Q, H) and prompt.
+
+    `rank_options` for soft prompts that come from no single image (e.g. calibration baselines).
+    """
     lm, cfg = model.llm, model.cfg.llm
-    assert lm is not None, "this is a stage-1 model (no LLM)"
-    soft = model.soft_prompt(image_feats)  # (B, Q, H)
     p_ids = lm.encode_prompts(prompts)
     scores = torch.empty(soft.shape[0], len(options))
     for j, option in enumerate(options):

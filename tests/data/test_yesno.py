@@ -91,7 +91,7 @@ def test_written_file_trains_and_evaluates(tmp_path):
     out = tmp_path / "out" / "yesno.json"
     report = add_yesno_questions(src, out, per_image=3, seed=0)
     assert report["splits"]["train"]["questions"] == 2 + 4 and report["splits"]["val"]["questions"] == 4
-    assert not list(out.parent.glob("*.tmp"))
+    assert [p.name for p in out.parent.iterdir()] == ["yesno.json"]  # no temporary file left
     train = load_records(out, tmp_path, "train")
     assert train[0].qa[0] == ("What colour is the dog?", "brown")  # existing questions kept, first
     assert sorted(a for _, a in train[0].qa[1:]) == ["no", "yes"]

@@ -20,6 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from blip2.io import atomic_write_text
+
 # The 80 COCO categories (POPE asks with these names verbatim) and the caption words that name them.
 # Words match whole words, case-insensitively; listed plural forms are matched as written.
 # Deliberately left out: words that are mostly something else in captions ("orange" the colour,
@@ -122,6 +124,7 @@ CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
 _MASKS = ("teddy bear", "teddy bears", "dirt bike", "dirt bikes", "hot dog", "hot dogs", "bat mitzvah",
           "table tennis", "jet ski", "jet skis", "tie-dye", "tie dye", "tie-dyed", "tie dyed")
 QUESTION = "Is there a {} in the image?"  # POPE's template, verbatim ("a apple" included)
+_CATEGORY_OF = {QUESTION.format(c): c for c in CATEGORY_WORDS}
 
 
 def _pattern(words: tuple[str, ...]) -> re.Pattern[str]:
@@ -206,15 +209,11 @@ def add_yesno_questions(karpathy: str | Path, out: str | Path, per_image: int = 
         for e, pairs in zip(entries, qa, strict=True):
             e["qa"] = list(e.get("qa", [])) + [{"question": q, "answer": a} for q, a in pairs]
             for q, a in pairs:
-                (yes_by_cat if a == "yes" else no_by_cat)[q[len("Is there a "):-len(" in the image?")]] += 1
+                (yes_by_cat if a == "yes" else no_by_cat)[_CATEGORY_OF[q]] += 1
         report["splits"][split or "(none)"] = {
             "images": len(entries), "images_with_questions": sum(bool(p) for p in qa),
             "questions": sum(len(p) for p in qa), "yes": sum(yes_by_cat.values()), "no": sum(no_by_cat.values()),
             "top_categories": {c: [yes_by_cat[c], no_by_cat[c]] for c, _ in yes_by_cat.most_common(8)}}
     doc["yesno_derivation"] = {k: v for k, v in report.items() if k != "splits"}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(doc))
     return report
