@@ -59,8 +59,10 @@ def cmd_train_pipeline(args: argparse.Namespace) -> int:
     summary = train_pipeline(recipe, args.out)
     if "rank" in summary["stage2"]:  # under torchrun only the main process reports
         return 0
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk in ("retrieval", "generation", "steps")}
-                      if isinstance(v, dict) else v for k, v in summary.items()}, indent=2, default=str))
+    # each stage's headline numbers (its full summary is in out/stageN/summary.json), and the rest as is
+    brief = {k: {kk: vv for kk, vv in v.items() if kk in ("retrieval", "generation", "steps")}
+             if k in ("stage1", "stage2") else v for k, v in summary.items()}
+    print(json.dumps(brief, indent=2, default=str))
     return 0
 
 

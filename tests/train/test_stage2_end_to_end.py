@@ -134,7 +134,7 @@ def test_stage2_from_scratch_and_reload_generates_the_same(setup, tmp_path):
     assert a.generate(feats, ["", "question"], cfg) == b.generate(feats, ["", "question"], cfg)
 
 
-def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path, caplog, monkeypatch):
+def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path, caplog, monkeypatch, capsys):
     import yaml
 
     import blip2.train.loop
@@ -158,8 +158,15 @@ def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path, cap
     init = json.loads((tmp_path / "p" / "stage2" / "init_report.json").read_text())
     assert init["stage1_model"] == str(tmp_path / "p" / "stage1" / "model")
     before = (tmp_path / "p" / "stage2" / "model" / "model.safetensors").stat().st_mtime_ns
-    again = train_pipeline(load_recipe(path, overrides, PipelineRecipe), tmp_path / "p", progress=False)
-    assert again["stage2"]["steps"] == 5
+    # again through the CLI: both stages are finished, so nothing trains, and it reports both stages'
+    # steps and this invocation's wall times (which it used to print as {})
+    args = [a for o in overrides for a in ("--set", o)]
+    capsys.readouterr()
+    assert main(["train", "pipeline", "--recipe", str(path), *args, "--out", str(tmp_path / "p")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["stage1"]["steps"] == 2 and again["stage2"]["steps"] == 5
+    assert set(again["seconds_this_invocation"]) == {"stage1", "stage2"}
+    assert all(s >= 0 for s in again["seconds_this_invocation"].values())
     assert (tmp_path / "p" / "stage2" / "model" / "model.safetensors").stat().st_mtime_ns == before
     # stage 1 kept from an earlier invocation: stage 2 checks the model it starts from, once
     shutil.rmtree(tmp_path / "p" / "stage2")
