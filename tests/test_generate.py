@@ -91,6 +91,20 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_lm):
     assert topk1 == greedy
 
 
+def test_several_samples_per_input_share_its_prefix(tiny_lm):
+    """n samples per input from one prefix pass = sampling from the input repeated n times (the same
+    rows, the same seeded draws), and they differ from each other."""
+    soft = _soft(tiny_lm, seed=2)
+    cfg = DecodeConfig(num_beams=1, do_sample=True, top_p=1.0, max_new_tokens=8, min_new_tokens=0, seed=4)
+    shared = generate_ids(tiny_lm, soft, PROMPTS, cfg, num_return_sequences=3)
+    repeated = generate_ids(tiny_lm, soft.repeat_interleave(3, 0), [p for p in PROMPTS for _ in range(3)], cfg)
+    assert shared == repeated and len(shared) == 9
+    if not tiny_lm.is_encoder_decoder:  # the random T5 repeats one token per input, near-deterministically
+        assert len({tuple(r) for r in shared}) > 3
+    with pytest.raises(ValueError, match="do_sample"):
+        generate_ids(tiny_lm, soft, PROMPTS, DecodeConfig(num_beams=1), num_return_sequences=2)
+
+
 def test_process_scores_by_hand():
     scores = torch.tensor([[1.0, -2.0, 3.0, 0.5, 0.0]])
     history = torch.tensor([[0, 1, 0, 3]])  # bigrams (0,1), (1,0), (0,3); last token 3

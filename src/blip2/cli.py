@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -36,19 +37,35 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_stage2(args: argparse.Namespace) -> int:
-    from blip2.config import Stage2Recipe, load_recipe
+def _train_generative(recipe: Any, out: str) -> int:
+    """Train a stage-2 or SCST recipe and print its caption metrics."""
     from blip2.train.loop import train
 
-    overrides = list(args.set) + ([f"stage2.init={args.init}"] if args.init else [])
-    recipe = load_recipe(resolve_recipe(args.recipe), overrides, Stage2Recipe)
     if not recipe.data.train:
         raise SystemExit("data.train is empty: set it in the recipe or with --set data.train=PATH")
-    summary = train(recipe, args.out)
+    summary = train(recipe, out)
     if "rank" not in summary:  # under torchrun only the main process reports
         print(json.dumps({k: v for k, v in summary.get("generation", summary).items() if "examples" not in k},
                          indent=2))
     return 0
+
+
+def cmd_train_stage2(args: argparse.Namespace) -> int:
+    from blip2.config import Stage2Recipe, load_recipe
+
+    overrides = list(args.set) + ([f"stage2.init={args.init}"] if args.init else [])
+    return _train_generative(load_recipe(resolve_recipe(args.recipe), overrides, Stage2Recipe), args.out)
+
+
+def cmd_train_scst(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from blip2.config import ScstConfig, Stage2Recipe, load_recipe
+
+    recipe = load_recipe(resolve_recipe(args.recipe), [*args.set, f"stage2.init={args.init}"], Stage2Recipe)
+    if recipe.scst is None:  # a plain stage-2 recipe: SCST with the default settings
+        recipe = replace(recipe, scst=ScstConfig())
+    return _train_generative(recipe, args.out)
 
 
 def cmd_train_pipeline(args: argparse.Namespace) -> int:
@@ -61,7 +78,7 @@ def cmd_train_pipeline(args: argparse.Namespace) -> int:
         return 0
     # each stage's headline numbers (its full summary is in out/stageN/summary.json), and the rest as is
     brief = {k: {kk: vv for kk, vv in v.items() if kk in ("retrieval", "generation", "steps")}
-             if k in ("stage1", "stage2") else v for k, v in summary.items()}
+             if k in ("stage1", "stage2", "scst") else v for k, v in summary.items()}
     print(json.dumps(brief, indent=2, default=str))
     return 0
 
@@ -412,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(s2, "e.g. --set train.lr=3e-4", "run directory (resumes from its last checkpoint)")
     s2.add_argument("--init", default=None, help="stage-1 model directory to start from (omit: no stage 1)")
     s2.set_defaults(func=cmd_train_stage2)
+    sc = train.add_parser("scst", help="self-critical fine-tuning of a stage-2 model on CIDEr-D (after BLIP-2)")
+    _recipe_args(sc, "e.g. --set scst.samples=5 --set train.steps=300", "run directory (resumes)")
+    sc.add_argument("--init", required=True, help="stage-2 model directory to fine-tune")
+    sc.set_defaults(func=cmd_train_scst)
     pl = train.add_parser("pipeline", help="stage 1, then stage 2 from its model (recipe with stage1: and stage2:)")
     _recipe_args(pl, "e.g. --set stage2.train.steps=100 or --set run_stage1=false",
                  "run directory (stage1/ and stage2/ inside; resumes)")

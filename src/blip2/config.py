@@ -433,6 +433,32 @@ class Stage2Config:
 
 
 @dataclass
+class ScstConfig:
+    """Self-critical sequence training of a stage-2 model (blip2.losses.SCSTLoss): captions sampled
+    from the model, rewarded by their CIDEr-D against the image's training references. Not part of
+    BLIP-2; the model, Q-Former and LLM settings all come from the stage-2 model it starts from."""
+
+    # Captions sampled per image per step; each one's baseline is the mean reward of the others (>= 2).
+    samples: int = 5
+    # Sampling temperature (1 = the model's own distribution, which the policy gradient assumes).
+    temperature: float = 1.0
+    # Longest sampled caption in LLM tokens (a sample cut here is scored as it is).
+    max_new_tokens: int = 30
+
+    def __post_init__(self) -> None:
+        if self.samples < 2:
+            raise ValueError(f"scst.samples must be >= 2 (the baseline is the mean of an image's other samples), "
+                             f"got {self.samples}")
+        if self.temperature <= 0 or self.max_new_tokens < 1:
+            raise ValueError("scst.temperature must be > 0 and scst.max_new_tokens >= 1")
+
+    def decode(self) -> DecodeConfig:
+        """How the samples are drawn: plain sampling from the whole distribution, no length floor."""
+        return DecodeConfig(num_beams=1, do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0,
+                            min_new_tokens=0, max_new_tokens=self.max_new_tokens)
+
+
+@dataclass
 class CaptionEvalConfig:
     """Captioning (and VQA, when the annotations have questions) evaluation after stage 2."""
 
@@ -453,10 +479,18 @@ class Stage2Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
+    # Set: fine-tune the stage-2 model named by stage2.init with SCST instead of the LM loss.
+    scst: ScstConfig | None = None
 
     def __post_init__(self) -> None:
         if self.model.llm is None:  # stage 2 always has an LLM: the packaged one unless the recipe names one
             self.model.llm = LLMConfig()
+        if self.scst is not None:
+            if self.stage2.use_qa:
+                raise ValueError("SCST rewards captions (CIDEr-D); stage2.use_qa must be false for an scst run")
+            if self.train.group_by_length:
+                raise ValueError("train.group_by_length groups by caption length, which an SCST run does not "
+                                 "train on (it samples its own): set it to 0")
 
 
 @dataclass
@@ -477,12 +511,21 @@ class Stage1Recipe:
 
 @dataclass
 class PipelineRecipe:
-    """Stage 1, then stage 2 initialised from its model, in one run directory (stage1/, stage2/)."""
+    """Stage 1, then stage 2 initialised from its model, in one run directory (stage1/, stage2/),
+    and optionally SCST from stage 2's model (scst/)."""
 
     stage1: Stage1Recipe = field(default_factory=Stage1Recipe)
     stage2: Stage2Recipe = field(default_factory=Stage2Recipe)
     # False = the paper's ablation: stage 2 straight from the Q-Former's BERT init, no stage 1.
     run_stage1: bool = True
+    # Optional third stage into out/scst: SCST from stage 2's model (this recipe's scst: section;
+    # its model settings are stage 2's). None = stop after stage 2.
+    scst: Stage2Recipe | None = None
+
+    def __post_init__(self) -> None:
+        if self.scst is not None and self.scst.scst is None:
+            # a third stage is an SCST stage even when its scst: is empty (replace re-validates)
+            self.scst = dataclasses.replace(self.scst, scst=ScstConfig())
 
 
 # --------------------------------------------------------------------------- (de)serialisation

@@ -20,12 +20,19 @@ from blip2.static_decode import StaticDecodeState, use_static_cache
 NEG = -1.0e9
 
 
-def generate_ids(lm: FrozenLM, soft: torch.Tensor, prompts: list[list[int]], cfg: DecodeConfig
-                 ) -> list[list[int]]:
-    """Soft prompts (B, Q, H) + prompt ids -> generated ids per input (eos and padding removed)."""
+def generate_ids(lm: FrozenLM, soft: torch.Tensor, prompts: list[list[int]], cfg: DecodeConfig,
+                 num_return_sequences: int = 1) -> list[list[int]]:
+    """Soft prompts (B, Q, H) + prompt ids -> generated ids per input (eos and padding removed).
+
+    `num_return_sequences` > 1 (sampling only) draws that many texts per input, returned input by
+    input (B * n rows); the prefix is computed once per input and shared by its samples.
+    """
+    if num_return_sequences > 1 and not cfg.do_sample:
+        raise ValueError("num_return_sequences > 1 needs decode.do_sample=true: greedy search would return "
+                         "the same text n times (and beam search returns its best hypothesis only)")
     state: DecodeState | StaticDecodeState = lm.start(soft, prompts)
-    if cfg.num_beams > 1:
-        state.expand(cfg.num_beams)  # the prefix was computed once per input; beams share it
+    if cfg.num_beams > 1 or num_return_sequences > 1:
+        state.expand(max(cfg.num_beams, num_return_sequences))  # the prefix was computed once per input
     if use_static_cache(lm, cfg.static_cache):
         state = StaticDecodeState(state, cfg.max_new_tokens)
     if cfg.num_beams > 1:

@@ -273,8 +273,8 @@ class FrozenLM(nn.Module):
                          ) -> torch.Tensor:
         """(B,) summed log-probability of each target (+ eos) after its soft prompt and prompt."""
         logits, labels = self._target_logits(self.layout(soft, prompts, targets))
-        logp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
-        return (logp * (labels != -100)).sum(-1)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
+        return -nll.sum(-1)
 
     def _target_logits(self, x: LMInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) at the positions that predict a label, and those labels (B, T; -100 = none)."""

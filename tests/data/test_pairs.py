@@ -63,3 +63,19 @@ def test_grouping_is_refused_where_it_does_harm_or_lacks_lengths():
         TrainConfig(group_by_length=-1)
     with pytest.raises(ValueError, match="one length per pair"):
         EpochSampler(10, 2, seed=0, lengths=[1, 2], group=2)
+
+
+def test_per_image_pairs_keep_each_images_first_caption():
+    import torch
+
+    from blip2.data.pairs import Pairs
+    from blip2.data.records import ImageRecord
+
+    records = [ImageRecord("a.jpg", ["a dog", "a brown dog"], [("is there a dog?", "yes")]),
+               ImageRecord("b.jpg", ["", "two cats"]), ImageRecord("c.jpg", ["a bike"])]
+    feats = torch.zeros(3, 2, 4)
+    pairs = Pairs(records, None, 0, features=feats, per_image=True)
+    assert pairs.pairs == [(0, "", "a dog"), (1, "", "two cats"), (2, "", "a bike")]  # empty captions skipped
+    assert len(Pairs(records, None, 0, features=feats)) == 4
+    with pytest.raises(ValueError, match="captions only"):
+        Pairs(records, None, 0, features=feats, per_image=True, qa_template="Question: {} Answer:")

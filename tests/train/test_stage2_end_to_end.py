@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip2.cli import main
+from blip2.cli import main, resolve_recipe
 from blip2.config import Stage2Recipe, load_recipe
 from blip2.data.scenes import write_scenes
 from blip2.eval.vqa import vqa_accuracy
@@ -213,3 +213,66 @@ def test_stage2_warns_when_the_stage1_queries_have_collapsed(setup, tmp_path, ca
         assert bool(warned) is expect, warned
     assert str(collapsed) in warned[0] and "loss.query_div" in warned[0]  # names the model and the fix
     assert re.search(r"mean cosine 1\.000", warned[0])
+
+
+SCST = ["stage2.use_qa=false", "train.steps=4", "train.ckpt_every=2", "scst.samples=3", "scst.max_new_tokens=5"]
+
+
+def test_scst_fine_tunes_a_stage2_model_resumes_exactly_and_evaluates(setup, tmp_path, capsys):
+    root, ann, stage2 = setup
+    s2 = tmp_path / "s2"
+    train(_recipe(setup, ["stage2.use_qa=false", "train.steps=3", "eval.enabled=false"]), s2, progress=False)
+    argv = ["train", "scst", "--recipe", "quickstart-stage2", "--init", str(s2 / "model"), "--out", str(tmp_path / "a")]
+    for s in [*stage2, *SCST]:
+        argv += ["--set", s]
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {"bleu4", "cider"} <= set(printed)
+    init = json.loads((tmp_path / "a" / "init_report.json").read_text())
+    assert init == {"stage2_model": str(s2 / "model")}
+    start = load_file(str(s2 / "model" / "model.safetensors"))
+    full = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    assert not full["llm_proj.weight"].equal(start["llm_proj.weight"])  # every stage-2 weight loaded, then trained
+    assert full["itm_head.weight"].equal(start["itm_head.weight"])  # the text branch stays frozen
+    rows = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["reward"] >= 0 for r in rows)
+    # the model settings are the stage-2 model's, whatever the recipe says
+    saved = json.loads((tmp_path / "a" / "model" / "config.json").read_text())["model"]
+    assert saved == json.loads((s2 / "model" / "config.json").read_text())["model"]
+
+    recipe = load_recipe(resolve_recipe("quickstart-stage2"), [*stage2, *SCST, f"stage2.init={s2 / 'model'}",
+                                                               "scst.samples=3"], Stage2Recipe)
+    assert recipe.scst is not None
+    assert train(recipe, tmp_path / "b", stop_after=2, progress=False) == {"stopped_at": 2}
+    train(recipe, tmp_path / "b", progress=False)
+    resumed = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert all(full[k].equal(resumed[k]) for k in full)
+
+    with pytest.raises(ValueError, match="stage-1 model"):
+        train(load_recipe(resolve_recipe("quickstart-stage2"), [*stage2, *SCST, f"stage2.init={root / 's1' / 'model'}",
+                                                                 "scst.samples=3"], Stage2Recipe), tmp_path / "c")
+    with pytest.raises(ValueError, match="use_qa"):
+        load_recipe(resolve_recipe("quickstart-stage2"), ["scst.samples=3"], Stage2Recipe)
+
+
+def test_pipeline_runs_scst_as_a_third_stage(setup, tmp_path):
+    import yaml
+
+    from blip2.config import PipelineRecipe
+    from blip2.train.loop import train_pipeline
+
+    root, ann, stage2 = setup
+    tiny_s1 = [s for s in STAGE1 if not s.startswith("train.steps")] + ["train.steps=2"]
+    overrides = [f"stage1.{s}" for s in tiny_s1] + [f"stage2.{s}" for s in stage2] + ["stage2.eval.enabled=false"]
+    overrides += [f"stage1.data.train={ann}", f"stage1.data.cache_dir={root / 'cache'}", "stage2.train.steps=2"]
+    overrides += [f"scst.{s}" for s in [*stage2, *SCST] if not s.startswith("model.")] + ["scst.eval.enabled=false"]
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump({"stage1": {}, "stage2": {}, "scst": {}}))
+    recipe = load_recipe(path, overrides, PipelineRecipe)
+    assert recipe.scst is not None and recipe.scst.scst is not None  # an empty scst: still means SCST
+    summary = train_pipeline(recipe, tmp_path / "p", progress=False)
+    assert summary["scst"]["steps"] == 4 and set(summary["seconds_this_invocation"]) == {"stage1", "stage2", "scst"}
+    init = json.loads((tmp_path / "p" / "scst" / "init_report.json").read_text())
+    assert init == {"stage2_model": str(tmp_path / "p" / "stage2" / "model")}
+    assert (tmp_path / "p" / "scst" / "loss_curves.png").is_file()

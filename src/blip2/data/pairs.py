@@ -96,12 +96,15 @@ class Pairs:
     batches carry Q-Former token ids; stage 2 tokenizes for its LLM itself.
     With `features` (aligned with `records`) batches carry cached features; without, batches
     carry pixels decoded on the fly (augmented when `augment`, seeded per pair and step) for the
-    encoder to run each step.
+    encoder to run each step. `per_image` keeps one pair per image (its first caption), for an
+    objective that reads all of an image's references itself (SCST): an epoch then visits each
+    image once.
     """
 
     def __init__(self, records: list[ImageRecord], tokenizer, max_len: int,
                  features: torch.Tensor | None = None, encoder: FrozenImageEncoder | None = None,
-                 augment: bool = False, seed: int = 0, caption_prompt: str = "", qa_template: str | None = None):
+                 augment: bool = False, seed: int = 0, caption_prompt: str = "", qa_template: str | None = None,
+                 per_image: bool = False):
         if features is None and encoder is None:
             raise ValueError("Pairs needs cached features or the encoder's preprocessing")
         self.records, self.tokenizer, self.max_len = records, tokenizer, max_len
@@ -112,6 +115,13 @@ class Pairs:
             self.pairs += [(i, qa_template.format(q.strip()), a.strip()) for i, r in enumerate(records)
                            for q, a in r.qa]
         self.pairs = [(i, p, c) for i, p, c in self.pairs if c]
+        if per_image:
+            if qa_template:
+                raise ValueError("per_image pairs are captions only; drop qa_template")
+            first: dict[int, tuple[int, str, str]] = {}
+            for pair in self.pairs:
+                first.setdefault(pair[0], pair)
+            self.pairs = list(first.values())
         if not self.pairs:
             raise ValueError("no usable image-caption pairs")
 

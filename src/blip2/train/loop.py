@@ -24,9 +24,10 @@ from blip2.data.cache import cached_features
 from blip2.data.pairs import EpochSampler, Pairs
 from blip2.data.records import ImageRecord, has_splits, load_records
 from blip2.io import read_json, write_json
-from blip2.losses import Stage1Loss, Stage2Loss
+from blip2.losses import SCSTLoss, Stage1Loss, Stage2Loss
 from blip2.model import CONFIG, WEIGHTS, Blip2, machine_info, resolve_device, warn_slow_half
 from blip2.qformer import load_bert_init
+from blip2.reward import CiderD
 from blip2.text import caption_token_prior
 from blip2.train import checkpoint
 from blip2.train.distributed import World
@@ -117,7 +118,8 @@ def build_training_data(recipe: Recipe, model: Blip2, world: World | None = None
     text: dict[str, Any] = {"tokenizer": model.tokenizer, "max_len": recipe.model.qformer.max_text_len}
     if isinstance(recipe, Stage2Recipe):  # the LLM tokenizes its own prompts and targets
         text = {"tokenizer": None, "max_len": 0, "caption_prompt": recipe.stage2.caption_prompt,
-                "qa_template": vqa_template(recipe, model) if recipe.stage2.use_qa else None}
+                "qa_template": vqa_template(recipe, model) if recipe.stage2.use_qa else None,
+                "per_image": recipe.scst is not None}  # SCST reads all of an image's references itself
     if d.use_cache:
         if not world.is_main:
             world.barrier()  # wait until the main process has encoded and saved every image
@@ -142,7 +144,10 @@ def init_model(recipe: Recipe, model: Blip2, out: Path | None) -> None:
     goes to out/init_report.json (out=None: not written, as on every process but the main one)."""
     init_dir = recipe.stage2.init if isinstance(recipe, Stage2Recipe) else ""
     report = None
-    if init_dir:
+    if init_dir and isinstance(recipe, Stage2Recipe) and recipe.scst is not None:  # every weight from stage 2
+        model.load_trainable(load_file(str(Path(init_dir) / WEIGHTS)), source=init_dir)
+        report = {"stage2_model": str(init_dir)}
+    elif init_dir:
         model.load_trainable(load_file(str(Path(init_dir) / WEIGHTS)), source=init_dir, allow_missing=("llm_proj.",))
         report = {"stage1_model": str(init_dir), "new": ["llm_proj.weight", "llm_proj.bias"]}
     elif recipe.model.qformer.init != "none":
@@ -162,15 +167,32 @@ def set_itg_prior_bias(model: Blip2, texts: list[str], label_smoothing: float) -
 
 
 def resolve_stage2_model(recipe: Stage2Recipe) -> None:
-    """A stage-2 run from a stage-1 model takes that model's encoder and Q-Former config."""
+    """A stage-2 run from a stage-1 model takes that model's encoder and Q-Former config; an SCST run
+    takes the whole config of the stage-2 model it fine-tunes (its LLM included)."""
+    if recipe.scst is not None and not recipe.stage2.init:
+        raise ValueError("an SCST run fine-tunes a stage-2 model: name it with stage2.init "
+                         "(blip2 train scst --init DIR)")
     if recipe.stage2.init:
         doc = read_json(Path(recipe.stage2.init) / CONFIG)
-        stage1 = from_dict(type(recipe.model), doc["model"])
-        recipe.model.vision, recipe.model.qformer = stage1.vision, stage1.qformer
+        init = from_dict(type(recipe.model), doc["model"])
+        if recipe.scst is not None:
+            if init.llm is None:
+                raise ValueError(f"{recipe.stage2.init} is a stage-1 model (no LLM); SCST starts from a stage-2 model")
+            recipe.model = init
+        else:
+            recipe.model.vision, recipe.model.qformer = init.vision, init.qformer
 
 
-def objective_for(recipe: Recipe, world: World):
+def objective_for(recipe: Recipe, world: World, pairs: Pairs):
     """batch -> dict of loss terms ("loss" is optimised); this rank's share of the global-batch loss."""
+    if isinstance(recipe, Stage2Recipe) and recipe.scst is not None:
+        sc, seed = recipe.scst, recipe.train.seed
+        reward = CiderD([r.captions for r in pairs.records])  # idf from every training reference
+        scst = SCSTLoss(reward, sc.samples, sc.decode(), world.world_size)
+        # samples are drawn per (step, rank): a resumed run draws what the uninterrupted one did with the
+        # same number of processes (unlike the other objectives, not across process counts)
+        return lambda model, batch, feats, gen, step: scst(model, feats, batch.prompts, batch.image_ids.tolist(),
+                                                           (seed * 1_000_003 + step) * 1009 + world.rank)
     if isinstance(recipe, Stage2Recipe):
         lm = Stage2Loss(recipe.stage2.prefix_split, world.world_size)
         return lambda model, batch, feats, gen, step: lm(model, feats, batch.prompts, batch.texts, gen)
@@ -200,8 +222,9 @@ def evaluate(recipe: Recipe, model: Blip2, progress: bool) -> dict[str, Any]:
 
 
 def train_pipeline(recipe: PipelineRecipe, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Stage 1 into out/stage1, then stage 2 from its model into out/stage2; a finished stage is kept
-    (rerunning the command resumes the unfinished one). Writes out/summary.json with wall times."""
+    """Stage 1 into out/stage1, then stage 2 from its model into out/stage2 (and, with recipe.scst,
+    SCST from stage 2's model into out/scst); a finished stage is kept (rerunning the command resumes
+    the unfinished one). Writes out/summary.json with wall times."""
     out = Path(out)
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"run_stage1": recipe.run_stage1}
@@ -216,7 +239,13 @@ def train_pipeline(recipe: PipelineRecipe, out: str | Path, progress: bool = Tru
     t1 = time.perf_counter()
     summary["stage2"] = _finished(out / "stage2") or train(recipe.stage2, out / "stage2", progress=progress,
                                                            check_init=not trained_stage1)
-    summary["seconds_this_invocation"] = {"stage1": round(t1 - t0, 1), "stage2": round(time.perf_counter() - t1, 1)}
+    t2 = time.perf_counter()
+    seconds = {"stage1": round(t1 - t0, 1), "stage2": round(t2 - t1, 1)}
+    if recipe.scst is not None:
+        recipe.scst.stage2.init = str(out / "stage2" / "model")
+        summary["scst"] = _finished(out / "scst") or train(recipe.scst, out / "scst", progress=progress)
+        seconds["scst"] = round(time.perf_counter() - t2, 1)
+    summary["seconds_this_invocation"] = seconds
     if "rank" not in summary["stage2"]:  # the main process (the only one under torchrun that evaluates)
         write_json(out / "summary.json", summary)
     return summary
@@ -248,7 +277,7 @@ def train(recipe: Recipe, out: str | Path, stop_after: int | None = None, progre
 
 def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bool,
            world: World | None, check_init: bool) -> dict[str, Any]:
-    stage = 2 if isinstance(recipe, Stage2Recipe) else 1
+    stage = _stage(recipe)
     out = Path(out)
     tc = recipe.train
     device = resolve_device(tc.device)
@@ -297,7 +326,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     mult = recipe.stage2.prompt_lr_mult if stage == 2 else 1.0
     prompt_mult = {r"^llm_proj\.": mult, r"^qformer\.query_tokens$": mult} if mult != 1.0 else {}
     optimizer = build_optimizer(model, tc, {**prompt_mult, **tc.lr_mult})  # first match wins
-    objective = objective_for(recipe, world)
+    objective = objective_for(recipe, world, pairs)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and needs none
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
@@ -318,7 +347,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         write_json(out / "recipe.json", recipe_dict)
 
     metrics = MetricsLog(out) if world.is_main else None
-    bar = tqdm(total=tc.steps, initial=start, desc=f"stage {stage}", unit="step",
+    bar = tqdm(total=tc.steps, initial=start, desc=_run_name(recipe), unit="step",
                disable=not (progress and world.is_main))
     window_t, window_n = time.perf_counter(), 0
     # Gradient spikes between logged steps are what precede a divergence: keep the window's largest
@@ -399,7 +428,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     query_cos = _check_queries(model, pairs, device, f"the stage-{stage} model", warn=stage == 1)
     summary: dict[str, Any] = {"stage": stage, "steps": tc.steps, "data": data_stats, "model_dir": str(out / "model"),
                                "machine": machine_info(device), "query_cos": query_cos}
-    _plot_curves(out, stage)
+    _plot_curves(out, stage, _run_name(recipe))
     summary.update(evaluate(recipe, model, progress))
     write_json(out / "summary.json", summary)
     return summary
@@ -441,7 +470,15 @@ def _resolved_model_cfg(recipe: Recipe, saved: Recipe):
     return cfg
 
 
-def _plot_curves(out: Path, stage: int = 1) -> None:
+def _run_name(recipe: Recipe) -> str:
+    return "scst" if isinstance(recipe, Stage2Recipe) and recipe.scst is not None else f"stage {_stage(recipe)}"
+
+
+def _stage(recipe: Recipe) -> int:
+    return 2 if isinstance(recipe, Stage2Recipe) else 1
+
+
+def _plot_curves(out: Path, stage: int, name: str) -> None:
     """metrics.jsonl -> loss_curves.png: losses above, gradient norms (log scale) below; skipped quietly
     if matplotlib is not installed."""
     try:
@@ -455,12 +492,12 @@ def _plot_curves(out: Path, stage: int = 1) -> None:
     if not rows:
         return
     fig, (ax, gax) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
-    for key in ("loss", "itc", "itm", "itg", "query_div") if stage == 1 else ("loss",):
+    for key in ("loss", "itc", "itm", "itg", "query_div") if stage == 1 else ("loss", "reward"):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts, strict=True), label=key)
-    ax.set_ylabel("loss")
-    ax.set_title(f"stage-{stage} training losses")
+    ax.set_ylabel("loss and reward" if name == "scst" else "loss")
+    ax.set_title(f"{name}: training loss" + (" and mean CIDEr-D of the samples" if name == "scst" else "es"))
     ax.legend()
     for key, label in (("grad_norm", "at the logged step"), ("grad_norm_max", "largest in the window")):
         pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
