@@ -341,7 +341,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         log.info("resumed from %s at step %d", ckpt.path, start)
     world.broadcast_(trainable)
     if stage == 2 and ckpt is None and world.is_main and recipe.stage2.init and check_init:
-        _check_queries(model, pairs, device, f"the stage-1 model {recipe.stage2.init}")
+        init_stage = 1 if recipe.scst is None else 2  # SCST starts from a stage-2 model
+        _check_queries(model, pairs, device, f"the stage-{init_stage} model {recipe.stage2.init}")
     recipe_dict = to_dict(recipe)
     if world.is_main:
         write_json(out / "recipe.json", recipe_dict)
