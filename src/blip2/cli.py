@@ -58,14 +58,10 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
 
 
 def cmd_train_scst(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from blip2.config import ScstConfig, Stage2Recipe, load_recipe
+    from blip2.config import Stage2Recipe, load_recipe
 
     recipe = load_recipe(resolve_recipe(args.recipe), [*args.set, f"stage2.init={args.init}"], Stage2Recipe)
-    if recipe.scst is None:  # a plain stage-2 recipe: SCST with the default settings
-        recipe = replace(recipe, scst=ScstConfig())
-    return _train_generative(recipe, args.out)
+    return _train_generative(recipe.as_scst(), args.out)  # a plain stage-2 recipe: SCST with the defaults
 
 
 def cmd_train_pipeline(args: argparse.Namespace) -> int:

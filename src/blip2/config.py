@@ -492,6 +492,10 @@ class Stage2Recipe:
                 raise ValueError("train.group_by_length groups by caption length, which an SCST run does not "
                                  "train on (it samples its own): set it to 0")
 
+    def as_scst(self) -> Stage2Recipe:
+        """This recipe as an SCST run: its scst: settings, or the defaults (replace re-validates)."""
+        return self if self.scst is not None else dataclasses.replace(self, scst=ScstConfig())
+
 
 @dataclass
 class Stage1Recipe:
@@ -523,9 +527,8 @@ class PipelineRecipe:
     scst: Stage2Recipe | None = None
 
     def __post_init__(self) -> None:
-        if self.scst is not None and self.scst.scst is None:
-            # a third stage is an SCST stage even when its scst: is empty (replace re-validates)
-            self.scst = dataclasses.replace(self.scst, scst=ScstConfig())
+        if self.scst is not None:  # a third stage is an SCST stage even when its scst: is empty
+            self.scst = self.scst.as_scst()
 
 
 # --------------------------------------------------------------------------- (de)serialisation

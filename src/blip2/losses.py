@@ -372,11 +372,11 @@ class SCSTLoss(nn.Module):
         # the whole step 2x faster on the 2-core CPU).
         order = sorted(range(len(drawn)), key=lambda i: len(rows[i]) + len(drawn[i]))
         total = soft.new_zeros((), dtype=torch.float32)
-        for chunk in torch.tensor(order).split(self.chunk_rows):
+        for chunk in torch.tensor(order, device=soft.device).split(self.chunk_rows):
             idx = chunk.tolist()
-            logp = lm.sequence_logprob(soft_rows[chunk.to(soft.device)], [rows[i] for i in idx],
+            logp = lm.sequence_logprob(soft_rows[chunk], [rows[i] for i in idx],
                                        [drawn[i] for i in idx])  # (n,) summed, eos included
-            total = total - (advantage[chunk.to(soft.device)] * logp).sum()
+            total = total - (advantage[chunk] * logp).sum()
         count = sum(len(x) + 1 for x in drawn)
         loss = global_token_mean(total, count, self.world_size)
         return {"loss": loss, "reward": reward.mean(), "sample_tokens": torch.tensor(count / len(drawn))}

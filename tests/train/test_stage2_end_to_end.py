@@ -241,8 +241,8 @@ def test_scst_fine_tunes_a_stage2_model_resumes_exactly_and_evaluates(setup, tmp
     saved = json.loads((tmp_path / "a" / "model" / "config.json").read_text())["model"]
     assert saved == json.loads((s2 / "model" / "config.json").read_text())["model"]
 
-    recipe = load_recipe(resolve_recipe("quickstart-stage2"), [*stage2, *SCST, f"stage2.init={s2 / 'model'}",
-                                                               "scst.samples=3"], Stage2Recipe)
+    recipe = load_recipe(resolve_recipe("quickstart-stage2"), [*stage2, *SCST, f"stage2.init={s2 / 'model'}"],
+                         Stage2Recipe)
     assert recipe.scst is not None
     assert train(recipe, tmp_path / "b", stop_after=2, progress=False) == {"stopped_at": 2}
     train(recipe, tmp_path / "b", progress=False)
@@ -250,8 +250,8 @@ def test_scst_fine_tunes_a_stage2_model_resumes_exactly_and_evaluates(setup, tmp
     assert all(full[k].equal(resumed[k]) for k in full)
 
     with pytest.raises(ValueError, match="stage-1 model"):
-        train(load_recipe(resolve_recipe("quickstart-stage2"), [*stage2, *SCST, f"stage2.init={root / 's1' / 'model'}",
-                                                                 "scst.samples=3"], Stage2Recipe), tmp_path / "c")
+        train(load_recipe(resolve_recipe("quickstart-stage2"), [*stage2, *SCST, f"stage2.init={root / 's1' / 'model'}"],
+                          Stage2Recipe), tmp_path / "c")
     with pytest.raises(ValueError, match="use_qa"):
         load_recipe(resolve_recipe("quickstart-stage2"), ["scst.samples=3"], Stage2Recipe)
 
