@@ -379,3 +379,5 @@ def test_scst_refuses_one_sample_and_search_decoding():
         SCSTLoss(CountWord("dog"), 4, DecodeConfig())
     with pytest.raises(ValueError, match="scst.samples"):
         ScstConfig(samples=1)
+    with pytest.raises(ValueError, match="scst.bleu_weight"):
+        ScstConfig(bleu_weight=-0.5)

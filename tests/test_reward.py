@@ -1,12 +1,16 @@
-"""CIDEr-D reward: the COCO caption package's CIDEr when the idf corpus is the scored images'
-references, and the properties a reward with a fixed training-corpus idf must have."""
+"""Caption rewards: CIDEr-D is the COCO caption package's CIDEr when the idf corpus is the scored
+images' references, sentence BLEU-4 is the package's per-image BLEU-4, and the properties each
+reward must have."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from blip2.reward import CiderD, cider_tokens
+from blip2.reward import CiderD, SentenceBleu, WeightedReward, cider_tokens
 
 REFS = {
     0: ["a dog runs on the grass", "a brown dog running through a field", "the dog is running outside"],
@@ -51,3 +55,31 @@ def test_refuses_an_empty_corpus_and_mismatched_inputs():
         CiderD([["a dog"], []])
     with pytest.raises(ValueError, match="2 candidates for 1 images"):
         CiderD([["a dog"]])(["a", "b"], [0])
+
+
+def test_sentence_bleu_equals_the_coco_packages_per_image_bleu4():
+    candidates = {**CANDIDATES, 4: "a dog", 5: "a dog runs on the grass", 6: "zebra"}
+    refs = {**REFS, 4: REFS[0], 5: REFS[0], 6: REFS[1]}
+    _, per_image = Bleu(4).compute_score({i: list(r) for i, r in refs.items()}, {i: [c] for i, c in candidates.items()})
+    ours = SentenceBleu([refs[i] for i in range(7)], tokenized=True)(list(candidates.values()), list(range(7)))
+    assert ours == pytest.approx(list(per_image[3]), rel=1e-9, abs=1e-15)
+
+
+def test_sentence_bleu_by_hand():
+    bleu = SentenceBleu([["a dog runs on the grass", "the dog is running outside"]]).score
+    assert bleu("a dog runs on the grass", 0) == pytest.approx(1.0)  # a reference scores 1
+    # every n-gram of "a dog runs on" matches, but the closest reference length is 5, not 4
+    assert bleu("a dog runs on", 0) == pytest.approx(math.exp(1 - 5 / 4))
+    # 5 of 6 unigrams, 3/5 bigrams, 1/4 trigrams, 0/3 4-grams: only the 1e-15 guard is left
+    assert bleu("a dog runs in the grass", 0) == pytest.approx((5 / 6 * 3 / 5 * 1 / 4 * 1e-15 / 3) ** 0.25)
+    assert bleu("A dog, runs on the grass!", 0) == bleu("a dog runs on the grass", 0)
+
+
+def test_weighted_reward_adds_the_weighted_terms():
+    cider, bleu = CiderD([REFS[i] for i in range(4)]), SentenceBleu([REFS[i] for i in range(4)])
+    texts, images = list(CANDIDATES.values()), [0, 1, 2, 3]
+    mixed = WeightedReward([(1.0, cider), (0.5, bleu)])(texts, images)
+    expected = [c + 0.5 * b for c, b in zip(cider(texts, images), bleu(texts, images), strict=True)]
+    assert mixed == pytest.approx(expected) and mixed != pytest.approx(cider(texts, images))
+    with pytest.raises(ValueError, match="at least one"):
+        WeightedReward([])

@@ -435,8 +435,9 @@ class Stage2Config:
 @dataclass
 class ScstConfig:
     """Self-critical sequence training of a stage-2 model (blip2.losses.SCSTLoss): captions sampled
-    from the model, rewarded by their CIDEr-D against the image's training references. Not part of
-    BLIP-2; the model, Q-Former and LLM settings all come from the stage-2 model it starts from."""
+    from the model, rewarded by their CIDEr-D (plus, optionally, BLEU-4) against the image's training
+    references. Not part of BLIP-2; the model, Q-Former and LLM settings all come from the stage-2
+    model it starts from."""
 
     # Captions sampled per image per step; each one's baseline is the mean reward of the others (>= 2).
     samples: int = 5
@@ -444,6 +445,9 @@ class ScstConfig:
     temperature: float = 1.0
     # Longest sampled caption in LLM tokens (a sample cut here is scored as it is).
     max_new_tokens: int = 30
+    # Weight of each sample's sentence BLEU-4 (in [0, 1]) added to its CIDEr-D (about 0-3 here) in the
+    # reward; 0 = CIDEr-D alone, as the SCST papers.
+    bleu_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.samples < 2:
@@ -451,6 +455,9 @@ class ScstConfig:
                              f"got {self.samples}")
         if self.temperature <= 0 or self.max_new_tokens < 1:
             raise ValueError("scst.temperature must be > 0 and scst.max_new_tokens >= 1")
+        if self.bleu_weight < 0:
+            raise ValueError(f"scst.bleu_weight must be >= 0 (the weight of BLEU-4 in the reward), "
+                             f"got {self.bleu_weight}")
 
     def decode(self) -> DecodeConfig:
         """How the samples are drawn: plain sampling from the whole distribution, no length floor."""

@@ -1,4 +1,5 @@
-"""CIDEr-D as a training reward for self-critical sequence training (blip2.losses.SCSTLoss).
+"""Caption rewards for self-critical sequence training (blip2.losses.SCSTLoss): CIDEr-D, sentence
+BLEU-4, and a weighted sum of rewards.
 
 The COCO caption package's CIDEr computes its document frequencies from the references of the
 captions it scores, so a batch of 16 images would get idf weights from 80 sentences. A reward
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 
 _TOKEN = re.compile(r"'?[a-z0-9]+")
 
@@ -30,7 +32,25 @@ def _ngrams(words: list[str], n: int) -> Counter[tuple[str, ...]]:
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
-class CiderD:
+class _ReferenceReward:
+    """A reward that scores each candidate against its own image's references in a fixed corpus."""
+
+    tokenized: bool
+
+    def _words(self, text: str) -> list[str]:
+        return text.split() if self.tokenized else cider_tokens(text)
+
+    def score(self, candidate: str, image: int) -> float:
+        raise NotImplementedError
+
+    def __call__(self, candidates: list[str], images: list[int]) -> list[float]:
+        """One score per (candidate, corpus image index) pair."""
+        if len(candidates) != len(images):
+            raise ValueError(f"{len(candidates)} candidates for {len(images)} images")
+        return [self.score(c, i) for c, i in zip(candidates, images, strict=True)]
+
+
+class CiderD(_ReferenceReward):
     """CIDEr-D of candidates against the references of corpus images, with the corpus' idf.
 
     corpus: the reference captions of every image (raw text; tokenized with `cider_tokens`, or
@@ -49,8 +69,6 @@ class CiderD:
         self.log_n = math.log(len(corpus))
         self.refs = [[self._vec(c) for c in refs] for refs in counts]
 
-    def _words(self, text: str) -> list[str]:
-        return text.split() if self.tokenized else cider_tokens(text)
 
     def _vec(self, counts: Counter[tuple[str, ...]]) -> Vec:
         vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(self.n)]
@@ -79,8 +97,59 @@ class CiderD:
                 total += dot * penalty
         return 10.0 * total / (self.n * len(refs))
 
+
+class SentenceBleu(_ReferenceReward):
+    """BLEU-4 of one candidate against its image's references, as the COCO caption package scores one
+    image (its per-image list): clipped n-gram precisions for n = 1..4 with the package's 1e-15 / 1e-9
+    guards instead of smoothing, their geometric mean, and a brevity penalty against the reference
+    length closest to the candidate's. A candidate without a matching 4-gram scores ~1e-4, so as a
+    reward it pays for whole phrases of the references, and its brevity penalty pays for length.
+
+    corpus: the reference captions of every image, as for `CiderD`.
+    """
+
+    def __init__(self, corpus: list[list[str]], n: int = 4, tokenized: bool = False):
+        if not corpus or not all(corpus):
+            raise ValueError("SentenceBleu needs at least one image, and at least one reference per image")
+        self.n, self.tokenized = n, tokenized
+        self.refs: list[tuple[list[int], dict[tuple[str, ...], int]]] = []
+        for refs in corpus:
+            lengths, maxcounts = [], {}
+            for r in refs:
+                words = self._words(r)
+                lengths.append(len(words))
+                for g, c in _ngrams(words, n).items():
+                    maxcounts[g] = max(maxcounts.get(g, 0), c)
+            self.refs.append((lengths, maxcounts))
+
+
+    def score(self, candidate: str, image: int) -> float:
+        """BLEU-4 (in [0, 1]) of one candidate against corpus image `image`'s references."""
+        words = self._words(candidate)
+        lengths, maxcounts = self.refs[image]
+        correct = [0] * self.n
+        for g, c in _ngrams(words, self.n).items():
+            correct[len(g) - 1] += min(c, maxcounts.get(g, 0))
+        bleu = 1.0
+        for k in range(self.n):
+            bleu *= (correct[k] + 1e-15) / (max(0, len(words) - k) + 1e-9)
+        bleu **= 1.0 / self.n
+        reflen = min((abs(r - len(words)), r) for r in lengths)[1]
+        ratio = (len(words) + 1e-15) / (reflen + 1e-9)
+        return bleu * math.exp(1 - 1 / ratio) if ratio < 1 else bleu
+
+
+class WeightedReward:
+    """sum_i weight_i * reward_i(candidates, images): e.g. CIDEr-D plus BLEU-4, so that SCST pays for
+    the metric it is judged on as well as for the consensus one."""
+
+    def __init__(self, terms: list[tuple[float, Callable[[list[str], list[int]], list[float]]]]):
+        if not terms:
+            raise ValueError("WeightedReward needs at least one (weight, reward) term")
+        self.terms = terms
+
     def __call__(self, candidates: list[str], images: list[int]) -> list[float]:
-        """One score per (candidate, corpus image index) pair."""
-        if len(candidates) != len(images):
-            raise ValueError(f"{len(candidates)} candidates for {len(images)} images")
-        return [self.score(c, i) for c, i in zip(candidates, images, strict=True)]
+        total = [0.0] * len(candidates)
+        for weight, reward in self.terms:
+            total = [t + weight * r for t, r in zip(total, reward(candidates, images), strict=True)]
+        return total

@@ -267,10 +267,12 @@ def test_pipeline_runs_scst_as_a_third_stage(setup, tmp_path):
     overrides = [f"stage1.{s}" for s in tiny_s1] + [f"stage2.{s}" for s in stage2] + ["stage2.eval.enabled=false"]
     overrides += [f"stage1.data.train={ann}", f"stage1.data.cache_dir={root / 'cache'}", "stage2.train.steps=2"]
     overrides += [f"scst.{s}" for s in [*stage2, *SCST] if not s.startswith("model.")] + ["scst.eval.enabled=false"]
+    overrides += ["scst.scst.bleu_weight=0.5"]  # the CIDEr-D + BLEU-4 reward
     path = tmp_path / "pipe.yaml"
     path.write_text(yaml.safe_dump({"stage1": {}, "stage2": {}, "scst": {}}))
     recipe = load_recipe(path, overrides, PipelineRecipe)
     assert recipe.scst is not None and recipe.scst.scst is not None  # an empty scst: still means SCST
+    assert recipe.scst.scst.bleu_weight == 0.5
     summary = train_pipeline(recipe, tmp_path / "p", progress=False)
     assert summary["scst"]["steps"] == 4 and set(summary["seconds_this_invocation"]) == {"stage1", "stage2", "scst"}
     init = json.loads((tmp_path / "p" / "scst" / "init_report.json").read_text())

@@ -27,7 +27,7 @@ from blip2.io import read_json, write_json
 from blip2.losses import SCSTLoss, Stage1Loss, Stage2Loss
 from blip2.model import CONFIG, WEIGHTS, Blip2, machine_info, resolve_device, warn_slow_half
 from blip2.qformer import load_bert_init
-from blip2.reward import CiderD
+from blip2.reward import CiderD, SentenceBleu, WeightedReward
 from blip2.text import caption_token_prior
 from blip2.train import checkpoint
 from blip2.train.distributed import World
@@ -187,7 +187,10 @@ def objective_for(recipe: Recipe, world: World, pairs: Pairs):
     """batch -> dict of loss terms ("loss" is optimised); this rank's share of the global-batch loss."""
     if isinstance(recipe, Stage2Recipe) and recipe.scst is not None:
         sc, seed = recipe.scst, recipe.train.seed
-        reward = CiderD([r.captions for r in pairs.records])  # idf from every training reference
+        refs = [r.captions for r in pairs.records]
+        reward = CiderD(refs)  # idf from every training reference
+        if sc.bleu_weight:
+            reward = WeightedReward([(1.0, reward), (sc.bleu_weight, SentenceBleu(refs))])
         scst = SCSTLoss(reward, sc.samples, sc.decode(), world.world_size)
         # samples are drawn per (step, rank): a resumed run draws what the uninterrupted one did with the
         # same number of processes (unlike the other objectives, not across process counts)
