@@ -9,7 +9,6 @@ group is used for the gathers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from blip2.config import DecodeConfig
 from blip2.qformer import mean_query_cosine
+from blip2.reward import Reward
 
 if TYPE_CHECKING:
     from blip2.model import Blip2
@@ -323,14 +323,11 @@ class Stage2Loss(nn.Module):
 # --------------------------------------------------------------------------- self-critical fine-tuning
 
 
-# (captions, corpus index of each one's image) -> one reward per caption, e.g. blip2.reward.CiderD
-Reward = Callable[[list[str], list[int]], list[float]]
-
-
 class SCSTLoss(nn.Module):
     """Self-critical sequence training (Rennie et al., 2017): a policy gradient on sampled captions
-    with their CIDEr-D as reward, after stage 2. Not part of BLIP-2; the standard last step of
-    captioning systems that optimise the metric they are judged by.
+    with a caption metric as reward (blip2.reward: CIDEr-D, optionally + BLEU-4), after stage 2. Not
+    part of BLIP-2; the standard last step of captioning systems that optimise the metric they are
+    judged by.
 
     Each image gets `samples` captions sampled from the model itself (temperature `decode`'s); a
     caption's baseline is the mean reward of the image's other samples (Luo, 2020: no extra greedy

@@ -20,6 +20,8 @@ from collections.abc import Callable
 _TOKEN = re.compile(r"'?[a-z0-9]+")
 
 Vec = tuple[list[dict[tuple[str, ...], float]], list[float], int]  # per-n tf-idf, per-n norm, length
+# (captions, corpus index of each one's image) -> one reward per caption
+Reward = Callable[[list[str], list[int]], list[float]]
 
 
 def cider_tokens(text: str) -> list[str]:
@@ -36,6 +38,10 @@ class _ReferenceReward:
     """A reward that scores each candidate against its own image's references in a fixed corpus."""
 
     tokenized: bool
+
+    def _check_corpus(self, corpus: list[list[str]]) -> None:
+        if not corpus or not all(corpus):
+            raise ValueError(f"{type(self).__name__} needs at least one image, and at least one reference per image")
 
     def _words(self, text: str) -> list[str]:
         return text.split() if self.tokenized else cider_tokens(text)
@@ -58,8 +64,7 @@ class CiderD(_ReferenceReward):
     """
 
     def __init__(self, corpus: list[list[str]], n: int = 4, sigma: float = 6.0, tokenized: bool = False):
-        if not corpus or not all(corpus):
-            raise ValueError("CiderD needs at least one image, and at least one reference per image")
+        self._check_corpus(corpus)
         self.n, self.sigma, self.tokenized = n, sigma, tokenized
         counts = [[_ngrams(self._words(r), n) for r in refs] for refs in corpus]
         df: Counter[tuple[str, ...]] = Counter()
@@ -109,8 +114,7 @@ class SentenceBleu(_ReferenceReward):
     """
 
     def __init__(self, corpus: list[list[str]], n: int = 4, tokenized: bool = False):
-        if not corpus or not all(corpus):
-            raise ValueError("SentenceBleu needs at least one image, and at least one reference per image")
+        self._check_corpus(corpus)
         self.n, self.tokenized = n, tokenized
         self.refs: list[tuple[list[int], dict[tuple[str, ...], int]]] = []
         for refs in corpus:
@@ -143,7 +147,7 @@ class WeightedReward:
     """sum_i weight_i * reward_i(candidates, images): e.g. CIDEr-D plus BLEU-4, so that SCST pays for
     the metric it is judged on as well as for the consensus one."""
 
-    def __init__(self, terms: list[tuple[float, Callable[[list[str], list[int]], list[float]]]]):
+    def __init__(self, terms: list[tuple[float, Reward]]):
         if not terms:
             raise ValueError("WeightedReward needs at least one (weight, reward) term")
         self.terms = terms

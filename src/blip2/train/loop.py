@@ -501,7 +501,7 @@ def _plot_curves(out: Path, stage: int, name: str) -> None:
         if pts:
             ax.plot(*zip(*pts, strict=True), label=key)
     ax.set_ylabel("loss and reward" if name == "scst" else "loss")
-    ax.set_title(f"{name}: training loss" + (" and mean CIDEr-D of the samples" if name == "scst" else "es"))
+    ax.set_title(f"{name}: training loss" + (" and mean reward of the samples" if name == "scst" else "es"))
     ax.legend()
     for key, label in (("grad_norm", "at the logged step"), ("grad_norm_max", "largest in the window")):
         pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
