@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blip2.config import DecodeConfig, LLMConfig
-from blip2.generate import generate_ids, process_scores
+from blip2.generate import generate_ids, process_scores, row_uniforms, sample_tokens, stream_seed
 from blip2.llm import FrozenLM
 from conftest import tiny_llama, tiny_lm_tokenizer
 
@@ -92,17 +92,81 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_lm):
 
 
 def test_several_samples_per_input_share_its_prefix(tiny_lm):
-    """n samples per input from one prefix pass = sampling from the input repeated n times (the same
-    rows, the same seeded draws), and they differ from each other."""
+    """n samples per input from one prefix pass = sampling from the input repeated n times with the
+    seeds the samples get (sample j of input i: stream_seed(seed_i, j)), and they differ."""
     soft = _soft(tiny_lm, seed=2)
     cfg = DecodeConfig(num_beams=1, do_sample=True, top_p=1.0, max_new_tokens=8, min_new_tokens=0, seed=4)
     shared = generate_ids(tiny_lm, soft, PROMPTS, cfg, num_return_sequences=3)
-    repeated = generate_ids(tiny_lm, soft.repeat_interleave(3, 0), [p for p in PROMPTS for _ in range(3)], cfg)
+    row_seeds = [stream_seed(stream_seed(4, i), j) for i in range(3) for j in range(3)]
+    repeated = generate_ids(tiny_lm, soft.repeat_interleave(3, 0), [p for p in PROMPTS for _ in range(3)], cfg,
+                            seeds=row_seeds)
     assert shared == repeated and len(shared) == 9
     if not tiny_lm.is_encoder_decoder:  # the random T5 repeats one token per input, near-deterministically
         assert len({tuple(r) for r in shared}) > 3
     with pytest.raises(ValueError, match="do_sample"):
         generate_ids(tiny_lm, soft, PROMPTS, DecodeConfig(num_beams=1), num_return_sequences=2)
+
+
+def test_sampled_rows_do_not_depend_on_the_batch(tiny_lm):
+    """A sampled row draws from its own seed: alone, in another order or beside other rows (which
+    stop at other times) it gives the same tokens; another seed gives other tokens."""
+    soft = _soft(tiny_lm, b=3, seed=6)
+    cfg = DecodeConfig(num_beams=1, do_sample=True, top_p=0.95, temperature=1.5, max_new_tokens=10,
+                       min_new_tokens=0, seed=11)
+    batched = generate_ids(tiny_lm, soft, PROMPTS, cfg)
+    seeds = [stream_seed(11, i) for i in range(3)]
+    alone = [generate_ids(tiny_lm, soft[i:i + 1], [PROMPTS[i]], cfg, seeds=[seeds[i]])[0] for i in range(3)]
+    reordered = generate_ids(tiny_lm, soft.flip(0), PROMPTS[::-1], cfg, seeds=seeds[::-1])
+    assert batched == alone == reordered[::-1]
+    if tiny_lm.model.config.model_type in ("llama", "opt"):  # here rows leave the batch at different steps
+        assert len({len(r) for r in batched}) > 1
+    others = generate_ids(tiny_lm, soft, PROMPTS, cfg, seeds=[s + 1 for s in seeds])
+    assert others != batched
+    with pytest.raises(ValueError, match="one seed per input"):
+        generate_ids(tiny_lm, soft, PROMPTS, cfg, seeds=seeds[:2])
+
+
+def test_sampled_captions_of_an_eval_do_not_depend_on_its_batch_size():
+    """generate_for seeds row r with stream_seed(seed, r): batches of 2 and of 5 give the same texts."""
+    from blip2.config import Blip2Config
+    from blip2.eval.caption import generate_for
+    from blip2.model import Blip2
+    from conftest import tiny_qformer
+
+    cfg = LLMConfig(max_prompt_len=8, max_text_len=12)
+    torch.manual_seed(0)
+    model = Blip2(Blip2Config(qformer=tiny_qformer(text_branch=False), llm=cfg), None, None,
+                  FrozenLM(tiny_llama(0), tiny_lm_tokenizer(), cfg))
+    feats = torch.randn(5, 5, 24, generator=torch.Generator().manual_seed(2))
+    decode = DecodeConfig(num_beams=1, do_sample=True, temperature=2.0, max_new_tokens=8, min_new_tokens=0, seed=5)
+    texts = generate_for(model, feats, [""] * 5, decode, batch_size=2)
+    assert texts == generate_for(model, feats, [""] * 5, decode, batch_size=5)
+    assert len(set(texts)) > 1
+
+
+def test_inverse_cdf_sampling_gives_each_token_its_probability():
+    """Evenly spread uniforms land in each token's interval in proportion to its probability (to
+    within one of M draws), never on a zero-probability token, whatever the row's scale."""
+    p = torch.tensor([0.5, 0.0, 0.125, 0.25, 0.0, 0.125])
+    m = 8000
+    u = (torch.arange(m, dtype=torch.float64) + 0.5) / m  # (M,)
+    for scale in (1.0, 3.0):  # unnormalised rows sample as their normalised selves
+        tok = sample_tokens((p * scale).expand(m, -1), u)
+        counts = torch.bincount(tok, minlength=6).double()
+        assert (counts - p.double() * m).abs().max() <= 1, counts
+    assert sample_tokens(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([0.0])).item() == 1
+    assert sample_tokens(torch.tensor([[0.3, 0.7, 0.0]]), torch.tensor([1 - 1e-12])).item() == 1
+
+
+def test_row_streams():
+    """row_uniforms: a row's stream depends on its seed alone; stream_seed separates nearby keys."""
+    a = row_uniforms([5, 6, 7], 4)
+    assert a.shape == (3, 4) and float(a.min()) >= 0 and float(a.max()) < 1
+    torch.testing.assert_close(row_uniforms([7], 4)[0], a[2], rtol=0, atol=0)
+    keys = [(s, i) for s in range(20) for i in range(20)]
+    assert len({stream_seed(*k) for k in keys}) == len(keys)  # (s, i + 1) vs (s + 1, i) and so on
+    assert stream_seed(1, 2) != stream_seed(2, 1) and stream_seed(3) == stream_seed(3)
+    assert all(0 <= stream_seed(*k) < 2**64 for k in [(-1,), (2**70, 5)])
 
 
 def test_process_scores_by_hand():

@@ -315,13 +315,13 @@ def test_scst_loss_is_the_advantage_weighted_log_likelihood_by_hand():
     assert images == [7] * k + [8] * k + [9] * k
     # By hand: the same draws (generation has its own tests), each token of a sample and its eos
     # scored after [soft prompt | prompt] by a plain forward pass, one sample at a time.
-    from dataclasses import replace
-
-    from blip2.generate import generate_ids
+    from blip2.generate import generate_ids, stream_seed
 
     soft = model.soft_prompt(feats)  # (3, Q, H)
     prompts = [[], lm.encode(["a photo of"], 8)[0], []]
-    drawn = generate_ids(lm, soft.detach(), prompts, replace(loss.decode, seed=11), num_return_sequences=k)
+    # each image samples from stream_seed(seed, image index)
+    drawn = generate_ids(lm, soft.detach(), prompts, loss.decode, num_return_sequences=k,
+                         seeds=[stream_seed(11, i) for i in (7, 8, 9)])
     assert [lm.decode(x) for x in drawn] == texts
     rewards = reward(texts, images)
     total, tokens = 0.0, 0

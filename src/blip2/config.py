@@ -380,7 +380,8 @@ class DecodeConfig:
     temperature: float = 1.0
     top_p: float = 0.9
     top_k: int = 0
-    # Seed of the sampling generator (sampling is reproducible for a given batch).
+    # Base seed of sampling: input i of a batch samples from its own stream, stream_seed(seed, i)
+    # (blip2.generate), whatever else is in the batch.
     seed: int = 0
     # Decode over a preallocated KV cache, replaying one captured CUDA graph per step on a GPU
     # (blip2.static_decode; 2.5-4x faster beam search on an H200, same tokens). "auto" = on for a

@@ -7,6 +7,11 @@ logits processors (repetition penalty, no-repeat n-gram, minimum length) see raw
 and sampling and log-probabilities in beam search; beam hypotheses are ranked by summed
 log-probability / generated_length ** length_penalty, with the same early-stopping rule
 (`early_stopping=False`).
+
+Sampling gives every row its own random stream (`stream_seed`): a row's tokens depend on its seed and
+its probabilities only, not on the other rows of the batch, on when they stop, or on the device. So a
+sampled caption is the same batched and alone, and an SCST step draws the same samples on any number
+of processes.
 """
 
 from __future__ import annotations
@@ -18,18 +23,41 @@ from blip2.llm import DecodeState, FrozenLM
 from blip2.static_decode import StaticDecodeState, use_static_cache
 
 NEG = -1.0e9
+_MASK64 = (1 << 64) - 1
+
+
+def stream_seed(*keys: int) -> int:
+    """Integers -> one 64-bit seed (a splitmix64-style mix): nearby keys such as (seed, 0) and
+    (seed, 1), or (s, i + 1) and (s + 1, i), give unrelated streams, unlike sums of keys."""
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = ((h ^ (k & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 31)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 29
+    return h
 
 
 def generate_ids(lm: FrozenLM, soft: torch.Tensor, prompts: list[list[int]], cfg: DecodeConfig,
-                 num_return_sequences: int = 1) -> list[list[int]]:
+                 num_return_sequences: int = 1, seeds: list[int] | None = None) -> list[list[int]]:
     """Soft prompts (B, Q, H) + prompt ids -> generated ids per input (eos and padding removed).
 
     `num_return_sequences` > 1 (sampling only) draws that many texts per input, returned input by
     input (B * n rows); the prefix is computed once per input and shared by its samples.
+    `seeds` (sampling only): one per input, default `stream_seed(cfg.seed, i)` for input i. Input i
+    samples from its seed alone (sample j of several from `stream_seed(seeds[i], j)`), so passing the
+    seeds an input had in one batch reproduces its text in any other.
     """
+    b = soft.shape[0]
     if num_return_sequences > 1 and not cfg.do_sample:
         raise ValueError("num_return_sequences > 1 needs decode.do_sample=true: greedy search would return "
                          "the same text n times (and beam search returns its best hypothesis only)")
+    if seeds is not None and len(seeds) != b:
+        raise ValueError(f"{len(seeds)} seeds for {b} inputs: pass one seed per input")
+    row_seeds: list[int] = []
+    if cfg.do_sample:
+        seeds = seeds if seeds is not None else [stream_seed(cfg.seed, i) for i in range(b)]
+        row_seeds = (seeds if num_return_sequences == 1
+                     else [stream_seed(s, j) for s in seeds for j in range(num_return_sequences)])
     state: DecodeState | StaticDecodeState = lm.start(soft, prompts)
     if cfg.num_beams > 1 or num_return_sequences > 1:
         state.expand(max(cfg.num_beams, num_return_sequences))  # the prefix was computed once per input
@@ -38,7 +66,7 @@ def generate_ids(lm: FrozenLM, soft: torch.Tensor, prompts: list[list[int]], cfg
     if cfg.num_beams > 1:
         out = _beam_search(state, cfg, lm.eos_id, lm.pad_id)
     else:
-        out = _greedy_or_sample(state, cfg, lm.eos_id, lm.pad_id)
+        out = _greedy_or_sample(state, cfg, lm.eos_id, lm.pad_id, row_seeds)
     if isinstance(state, StaticDecodeState):
         state.release()  # only after a clean run: the next call of this shape reuses cache and graph
     return [_strip(row, lm.eos_id) for row in out.tolist()]
@@ -89,10 +117,33 @@ def _warp(scores: torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
     return scores
 
 
-def _greedy_or_sample(state: DecodeState | StaticDecodeState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
-    """Greedy or sampled decoding; rows that emitted eos leave the batch (their LM work stops)."""
+def sample_tokens(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probabilities (N, V) and uniforms in [0, 1) (N,) -> tokens (N,).
+
+    Row r takes the first token whose cumulative probability exceeds u[r] x its total, so a token
+    with probability p owns an interval of length p (zero-probability tokens none) and the draw
+    depends on that row alone.
+    """
+    cum = probs.float().cumsum(-1)  # (N, V)
+    total = cum[:, -1:]  # (N, 1)
+    # strictly below the total (u near 1 rounds to 1.0 in float32): the first cum > x then has p > 0
+    x = torch.minimum(u.to(cum.dtype)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cum, x, right=True).squeeze(1)
+
+
+def row_uniforms(seeds: list[int], steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, steps) uniforms in [0, 1), row r from a CPU generator seeded seeds[r]: identical on every
+    device and for every batch the row is part of."""
+    rows = [torch.rand(steps, generator=torch.Generator().manual_seed(s & _MASK64), dtype=torch.float64) for s in seeds]
+    return torch.stack(rows).to(device) if rows else torch.zeros(0, steps, dtype=torch.float64, device=device)
+
+
+def _greedy_or_sample(state: DecodeState | StaticDecodeState, cfg: DecodeConfig, eos: int, pad: int,
+                      row_seeds: list[int]) -> torch.Tensor:
+    """Greedy or sampled decoding (row r from its seed row_seeds[r]); rows that emitted eos leave the
+    batch (their LM work stops)."""
     n, dev = state.logits.shape[0], state.logits.device
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.do_sample else None
+    u = row_uniforms(row_seeds, cfg.max_new_tokens, dev) if cfg.do_sample else None  # (N, T)
     start_len = state.history.shape[1]
     out = torch.full((n, cfg.max_new_tokens), pad, dtype=torch.long, device=dev)
     active = torch.arange(n, device=dev)  # original row of every row still in `state`
@@ -100,7 +151,8 @@ def _greedy_or_sample(state: DecodeState | StaticDecodeState, cfg: DecodeConfig,
         scores = process_scores(state.logits, state.history, state.history.shape[1] - start_len, cfg, eos,
                                 state.lm.suppress)
         if cfg.do_sample:
-            tok = torch.multinomial(_warp(scores, cfg).softmax(-1), 1, generator=gen).squeeze(1)
+            assert u is not None
+            tok = sample_tokens(_warp(scores, cfg).softmax(-1), u[active, t])
         else:
             tok = scores.argmax(-1)  # (N_active,)
         out[active, t] = tok

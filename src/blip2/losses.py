@@ -9,7 +9,7 @@ group is used for the gathers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -349,14 +349,18 @@ class SCSTLoss(nn.Module):
     def forward(self, model: Blip2, image_feats: torch.Tensor, prompts: list[str], images: list[int],
                 seed: int) -> dict[str, torch.Tensor]:
         # image_feats: (B, N, C); prompts: one per image; images: corpus index of each image (B,)
-        from blip2.generate import generate_ids
+        # An image's samples come from stream_seed(seed, image): the same whichever rank, batch
+        # position or process count it gets, so a step on several processes draws what one process
+        # draws for the global batch.
+        from blip2.generate import generate_ids, stream_seed
 
         lm, k = model.llm, self.samples
         assert lm is not None, "SCST needs a model with an LLM"
         soft = model.soft_prompt(image_feats)  # (B, Q, H), with gradient
         prompt_ids = lm.encode_prompts(prompts)
         with torch.no_grad():  # the same soft prompt (dropout mask included) that the gradient sees
-            drawn = generate_ids(lm, soft.detach(), prompt_ids, replace(self.decode, seed=seed), num_return_sequences=k)
+            drawn = generate_ids(lm, soft.detach(), prompt_ids, self.decode, num_return_sequences=k,
+                                 seeds=[stream_seed(seed, i) for i in images])
         texts = [lm.decode(x) for x in drawn]  # (B * K,) image by image
         reward = torch.tensor(self.reward(texts, [i for i in images for _ in range(k)]),
                               device=soft.device).view(-1, k)  # (B, K)

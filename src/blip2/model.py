@@ -258,8 +258,9 @@ class Blip2(nn.Module):
 
     @torch.no_grad()
     def generate(self, image_feats: torch.Tensor, prompts: list[str] | None = None,
-                 cfg: DecodeConfig | None = None) -> list[str]:
-        """Frozen features (B, N, C) [+ one prompt per image] -> generated text per image."""
+                 cfg: DecodeConfig | None = None, seeds: list[int] | None = None) -> list[str]:
+        """Frozen features (B, N, C) [+ one prompt per image] -> generated text per image (`seeds`:
+        one sampling seed per image, see blip2.generate.generate_ids)."""
         from blip2.generate import generate_ids
 
         assert self.llm is not None, "this is a stage-1 model (no LLM): train stage 2 first"
@@ -267,7 +268,7 @@ class Blip2(nn.Module):
         if len(prompts) != image_feats.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {image_feats.shape[0]} images")
         ids = self.llm.encode_prompts(prompts)
-        out = generate_ids(self.llm, self.soft_prompt(image_feats), ids, cfg or DecodeConfig())
+        out = generate_ids(self.llm, self.soft_prompt(image_feats), ids, cfg or DecodeConfig(), seeds=seeds)
         return [self.llm.decode(x) for x in out]
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,12 @@
-"""The real training loop on two gloo processes: one optimizer step of each stage gives the weights
-one process reaches on the concatenated global batch, and a run resumes on another process count."""
+"""The real training loop on two gloo processes: one optimizer step of each stage (SCST included)
+gives the weights one process reaches on the concatenated global batch, and a run resumes on another
+process count."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,17 +41,23 @@ def data(tmp_path_factory):
     return ann, root / "cache", llm_dir
 
 
-def _recipe(stage: int, data, steps: int, batch: int):
+def _recipe(stage: int | str, data, steps: int, batch: int):
     ann, cache, llm_dir = data
     common = [*QFORMER, f"data.train={ann}", f"data.cache_dir={cache}", f"train.steps={steps}",
               f"train.batch_size={batch}", *OPTIM]
+    if stage == "scst":  # from a stage-2 model trained (one process, one step) on the same data
+        init = cache.parent / "stage2-init"
+        if not (init / "model").is_dir():
+            train(_recipe(2, data, 1, 6), init, progress=False, world=World())
+        return load_recipe(None, [*common, f"stage2.init={init / 'model'}", "scst.samples=3",
+                                  "scst.max_new_tokens=6"], Stage2Recipe)
     if stage == 1:  # with the rank-0-only ITG prior (broadcast) and the batch-local query term
         return load_recipe(None, [*common, "loss.itg_prior_bias=true", "loss.query_div=1.0"], Stage1Recipe)
     # stage 2 from scratch (no stage-1 init): the Q-Former config comes from the recipe
     return load_recipe(None, [*common, f"model.llm.path={llm_dir}", "model.llm.max_text_len=12"], Stage2Recipe)
 
 
-def _worker(rank: int, world_size: int, init_file: str, stage: int, data, steps: int, batch: int, out: str):
+def _worker(rank: int, world_size: int, init_file: str, stage: int | str, data, steps: int, batch: int, out: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         train(_recipe(stage, data, steps, batch), out, progress=False, world=World(rank, world_size))
@@ -57,21 +65,27 @@ def _worker(rank: int, world_size: int, init_file: str, stage: int, data, steps:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, name: str, stage: int, data, steps: int, batch: int, out):
+def _spawn(tmp_path, name: str, stage: int | str, data, steps: int, batch: int, out):
     os.environ.pop("MASTER_ADDR", None)
     mp.spawn(_worker, args=(2, str(tmp_path / f"init-{name}"), stage, data, steps, batch, str(out)), nprocs=2,
              join=True)
 
 
 def _initial_weights(recipe) -> dict[str, torch.Tensor]:
-    """The weights train() starts from: the model built from the recipe's seed (Q-Former init=none)."""
+    """The weights train() starts from: the model built from the recipe's seed (Q-Former init=none),
+    or for SCST the stage-2 model it fine-tunes."""
+    if recipe.scst is not None:
+        return load_file(str(Path(recipe.stage2.init) / "model.safetensors"))
     torch.manual_seed(recipe.train.seed)
     return {k: v.clone() for k, v in Blip2.build(recipe.model).trainable_state_dict().items()}
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, "scst"])
 def test_one_step_on_two_processes_equals_one_process_on_the_global_batch(tmp_path, data, stage):
-    batch = 8 if stage == 1 else 6
+    """For SCST this needs each image's samples to come from its own seed, not from the rank's
+    position in a shared random stream; the images' rewards differ (samples of a random LM), so
+    the advantages and the step are not zero."""
+    batch = {1: 8, 2: 6, "scst": 4}[stage]
     single = train(_recipe(stage, data, 1, batch), tmp_path / "single", progress=False, world=World())
     assert single["steps"] == 1
     _spawn(tmp_path, "a", stage, data, 1, batch, tmp_path / "multi")
@@ -88,7 +102,11 @@ def test_one_step_on_two_processes_equals_one_process_on_the_global_batch(tmp_pa
     assert max(float((w1[k] - init[k]).abs().max()) for k in w1) > 1e-3
 
     # only the main process wrote: one metrics row per step, one checkpoint, recording 2 processes
-    assert len(open(tmp_path / "multi" / "metrics.jsonl").readlines()) == 1
+    rows = [json.loads(line) for line in open(tmp_path / "multi" / "metrics.jsonl")]
+    assert len(rows) == 1
+    if stage == "scst":  # the logged mean reward is the global batch's, as on one process
+        one = json.loads(open(tmp_path / "single" / "metrics.jsonl").readline())
+        assert rows[0]["reward"] > 0 and abs(rows[0]["reward"] - one["reward"]) < 1e-5
     ckpt = checkpoint.load(checkpoint.latest(tmp_path / "multi"))
     assert ckpt.state["world_size"] == 2 and ckpt.step == 1
 

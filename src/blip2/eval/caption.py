@@ -67,11 +67,16 @@ def caption_metrics(references: dict[int, list[str]], candidates: dict[int, str]
 
 def generate_for(model: Blip2, feats: torch.Tensor, prompts: list[str], decode: DecodeConfig, batch_size: int,
                  progress: bool = False, desc: str = "generating") -> list[str]:
-    """Generate for (N, T, C) features in batches (one prompt per row)."""
+    """Generate for (N, T, C) features in batches (one prompt per row). Sampled rows draw from
+    stream_seed(decode.seed, row), so the texts do not depend on `batch_size`."""
+    from blip2.generate import stream_seed
+
     out: list[str] = []
     model.eval()
     for s in tqdm(range(0, feats.shape[0], batch_size), desc=desc, disable=not progress):
-        out += model.generate(feats[s:s + batch_size].float(), prompts[s:s + batch_size], decode)
+        rows = range(s, min(s + batch_size, feats.shape[0]))
+        seeds = [stream_seed(decode.seed, r) for r in rows] if decode.do_sample else None
+        out += model.generate(feats[s:s + batch_size].float(), prompts[s:s + batch_size], decode, seeds)
     return out
 
 

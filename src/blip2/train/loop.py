@@ -23,6 +23,7 @@ from blip2.config import PipelineRecipe, Stage1Recipe, Stage2Recipe, from_dict, 
 from blip2.data.cache import cached_features
 from blip2.data.pairs import EpochSampler, Pairs
 from blip2.data.records import ImageRecord, has_splits, load_records
+from blip2.generate import stream_seed
 from blip2.io import read_json, write_json
 from blip2.losses import SCSTLoss, Stage1Loss, Stage2Loss
 from blip2.model import CONFIG, WEIGHTS, Blip2, machine_info, resolve_device, warn_slow_half
@@ -192,10 +193,10 @@ def objective_for(recipe: Recipe, world: World, pairs: Pairs):
         if sc.bleu_weight:
             reward = WeightedReward([(1.0, reward), (sc.bleu_weight, SentenceBleu(refs))])
         scst = SCSTLoss(reward, sc.samples, sc.decode(), world.world_size)
-        # samples are drawn per (step, rank): a resumed run draws what the uninterrupted one did with the
-        # same number of processes (unlike the other objectives, not across process counts)
+        # samples are drawn per (seed, step, image), on every rank alike: a resumed run draws what the
+        # uninterrupted one did, on any number of processes
         return lambda model, batch, feats, gen, step: scst(model, feats, batch.prompts, batch.image_ids.tolist(),
-                                                           (seed * 1_000_003 + step) * 1009 + world.rank)
+                                                           stream_seed(seed, step))
     if isinstance(recipe, Stage2Recipe):
         lm = Stage2Loss(recipe.stage2.prefix_split, world.world_size)
         return lambda model, batch, feats, gen, step: lm(model, feats, batch.prompts, batch.texts, gen)
