@@ -7,7 +7,7 @@
 #   precision; skipped with CHECK=0 once a session has measured it); the static-cache decode tests on
 #   the GPU (CUDA-graph steps against the dynamic cache); vs_transformers.py with --static-cache on the
 #   tiny model and on SmolLM2's architecture with random weights (greedy and beam-5 captioning, VQA, ITM
-#   against transformers' BLIP-2 on the same GPU, outputs compared).
+#   against transformers' BLIP-2 on the same GPU, outputs compared); bench/sampling.py (the sampler alone).
 set -u
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
@@ -25,3 +25,5 @@ for model in tiny default; do
         --batches 1,8,32 --repeats 3 --lm-tokenizer .gpu/smollm2-tok --qformer-tokenizer .gpu/minilm-tok 2>&1 \
         | grep -v "it/s\]$" | tee "$OUT/vs_transformers_$model.log"
 done
+# per-row inverse-CDF sampling vs torch.multinomial on the GPU (CPU numbers: docs/RESULTS.md)
+timeout 60 python3 bench/sampling.py --device cuda --no-generate 2>&1 | tee "$OUT/sampling.log"

@@ -2,7 +2,7 @@
 synthetic captions with a captioner, score them and the original captions against the image with a
 filter, keep the top k, and write a new dataset.
 
-Each image's captions are sampled from a generator seeded by (seed, image index), so the result does
+Each image's captions are sampled from streams seeded by (seed, image index, sample), so the result does
 not depend on batching, on the number of processes (`torchrun`: images are dealt round-robin to
 ranks) or on interruptions: results are appended per image to out/parts/rank-R.jsonl, and a rerun
 skips the images already there. When every image is done the main process merges the parts into
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from blip2.config import DecodeConfig
 from blip2.data.records import ImageRecord, load_records
+from blip2.generate import stream_seed
 from blip2.io import write_json
 from blip2.model import Blip2
 from blip2.retrieval import itc_similarity
@@ -40,14 +41,14 @@ class CapFiltConfig:
     num_samples: int = 5
     # Captions kept per image (originals and synthetic ones compete for the same places).
     top_k: int = 2
-    # How captions are sampled (nucleus sampling; its seed is replaced by seed + image index).
+    # How captions are sampled (nucleus sampling; its seed is unused: see `seed`).
     sampling: DecodeConfig = field(default_factory=lambda: DecodeConfig(
         num_beams=1, do_sample=True, top_p=0.9, max_new_tokens=30, min_new_tokens=5))
     # Optional prompt before every sampled caption (e.g. "a photo of").
     prompt: str = ""
     # Score with ITM's match probability instead of ITC's cosine similarity.
     use_itm: bool = False
-    # Base seed; image i samples with seed + i.
+    # Base seed; sample j of image i draws from stream_seed(seed, i, j) (blip2.generate).
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,8 +78,9 @@ def filter_image(captioner: Blip2, scorer: Blip2, feats: torch.Tensor, scorer_fe
     encoder), keep the top k. Returns the per-image result written to the parts."""
     synthetic: list[str] = []
     if cfg.num_samples:
-        decode = replace(cfg.sampling, seed=cfg.seed + index)
-        out = captioner.generate(feats.expand(cfg.num_samples, -1, -1), [cfg.prompt] * cfg.num_samples, decode)
+        seeds = [stream_seed(cfg.seed, index, j) for j in range(cfg.num_samples)]  # sample j of image `index`
+        out = captioner.generate(feats.expand(cfg.num_samples, -1, -1), [cfg.prompt] * cfg.num_samples,
+                                 cfg.sampling, seeds)
         synthetic = [clean_caption(f"{cfg.prompt} {t}".strip()) for t in out]
     candidates = [(c, "original") for c in record.captions] + [(c, "synthetic") for c in synthetic if c]
     scores = score_captions(scorer, scorer_feats, [c for c, _ in candidates], cfg.use_itm).tolist()
