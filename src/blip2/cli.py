@@ -372,6 +372,14 @@ def cmd_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from blip2.average import average_models
+
+    meta = average_models(args.models, args.out, args.weights)
+    print(json.dumps({"out": args.out, "averaged_from": meta["averaged_from"], "weights": meta["average_weights"]}))
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from blip2.interop.hf import is_hf_dir, load_hf, save_hf
     from blip2.model import Blip2
@@ -574,6 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--vision-heads", type=int, default=None, help="EVA ViT heads (default: 16 for ViT-g)")
     cv.add_argument("--qformer-heads", type=int, default=None, help="Q-Former heads (default: width / 64)")
     cv.set_defaults(func=cmd_convert)
+
+    av = sub.add_parser("average", help="average the weights of models fine-tuned from one start point "
+                                        "(e.g. SCST runs of several seeds): one model, no inference cost")
+    av.add_argument("models", nargs="+", metavar="MODEL_DIR")
+    av.add_argument("--out", required=True, help="a new directory for the averaged model")
+    av.add_argument("--weights", type=float, nargs="+", default=None, help="one per model (default: equal)")
+    av.set_defaults(func=cmd_average)
 
     q = sub.add_parser("quickstart", help="the embedded default job: scenes -> stage 1 -> retrieval -> "
                                           "stage 2 -> captions and answers")
