@@ -193,8 +193,8 @@ def objective_for(recipe: Recipe, world: World, pairs: Pairs):
         if sc.bleu_weight:
             reward = WeightedReward([(1.0, reward), (sc.bleu_weight, SentenceBleu(refs))])
         scst = SCSTLoss(reward, sc.samples, sc.decode(), world.world_size)
-        # samples are drawn per (seed, step, image), on every rank alike: a resumed run draws what the
-        # uninterrupted one did, on any number of processes
+        # an image's samples are keyed by (seed, step, image) on every rank alike, so the number of
+        # processes changes only the dropout masks they are drawn under (as in stage 2)
         return lambda model, batch, feats, gen, step: scst(model, feats, batch.prompts, batch.image_ids.tolist(),
                                                            stream_seed(seed, step))
     if isinstance(recipe, Stage2Recipe):
