@@ -74,7 +74,7 @@ def _spawn(tmp_path, name: str, stage: int | str, data, steps: int, batch: int, 
 def _initial_weights(recipe) -> dict[str, torch.Tensor]:
     """The weights train() starts from: the model built from the recipe's seed (Q-Former init=none),
     or for SCST the stage-2 model it fine-tunes."""
-    if recipe.scst is not None:
+    if isinstance(recipe, Stage2Recipe) and recipe.scst is not None:
         return load_file(str(Path(recipe.stage2.init) / "model.safetensors"))
     torch.manual_seed(recipe.train.seed)
     return {k: v.clone() for k, v in Blip2.build(recipe.model).trainable_state_dict().items()}
