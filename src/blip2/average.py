@@ -17,15 +17,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from blip2.io import atomic_dir, read_json, write_json
-from blip2.model import CONFIG, WEIGHTS
+from blip2.model import CONFIG, WEIGHTS, require_model_dir
 
 log = logging.getLogger(__name__)
 
 
 def _read_model(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{directory} is not a blip2 model directory (needs {CONFIG} + {WEIGHTS}); "
-                                "convert a transformers or LAVIS checkpoint first (blip2 convert)")
+    require_model_dir(directory, "; convert a transformers or LAVIS checkpoint first (blip2 convert)")
     try:
         weights = load_file(str(directory / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:

@@ -36,6 +36,12 @@ TEXT_ONLY = ("qformer.embeddings.word_embeddings.", "qformer.embeddings.position
              "vision_proj.", "text_proj.", "itm_head.", "temp")
 
 
+def require_model_dir(directory: Path, hint: str = "") -> None:
+    """Refuse a directory without our config.json + model.safetensors, naming what is missing."""
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{directory} is not a blip2 model directory (needs {CONFIG} + {WEIGHTS})" + hint)
+
+
 def resolve_device(name: str) -> torch.device:
     """A device name ("cpu", "cuda", "cuda:N", "mps", "auto") -> torch.device, checked to exist.
 
@@ -336,8 +342,7 @@ class Blip2(nn.Module):
 
         if is_hf_dir(directory):  # a transformers BLIP-2 checkpoint directory
             return load_hf(directory, with_vision=with_vision, precision=precision or "fp32")
-        if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
-            raise FileNotFoundError(f"{directory} is not a blip2 model directory (needs {CONFIG} + {WEIGHTS})")
+        require_model_dir(directory)
         doc = read_json(directory / CONFIG)
         cfg = from_dict(Blip2Config, doc["model"])
         trained_precision = cfg.vision.precision
