@@ -74,7 +74,6 @@ class CiderD(_ReferenceReward):
         self.log_n = math.log(len(corpus))
         self.refs = [[self._vec(c) for c in refs] for refs in counts]
 
-
     def _vec(self, counts: Counter[tuple[str, ...]]) -> Vec:
         vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(self.n)]
         norm = [0.0] * self.n
@@ -125,7 +124,6 @@ class SentenceBleu(_ReferenceReward):
                 for g, c in _ngrams(words, n).items():
                     maxcounts[g] = max(maxcounts.get(g, 0), c)
             self.refs.append((lengths, maxcounts))
-
 
     def score(self, candidate: str, image: int) -> float:
         """BLEU-4 (in [0, 1]) of one candidate against corpus image `image`'s references."""
