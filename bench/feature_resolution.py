@@ -1,15 +1,16 @@
-"""Which input resolution gives the frozen encoder the most caption-relevant features?
+"""Which encoder and input resolution give the most caption-relevant frozen features?
 
-    python bench/feature_resolution.py [--sizes 224,256,288,320,384] [--feature-map head] [--k 10]
+    python bench/feature_resolution.py [--encoders efficientnet_lite0,efficientnet_lite2]
+        [--sizes 224,256,288,320,384] [--feature-map head] [--k 10]
 
-A full stage 1 + stage 2 per resolution costs 1.5 hours on a 2-core CPU, so this ranks resolutions
-first with a training-free proxy: nearest-neighbour captioning (Devlin et al., 2015). Each val image
+A full stage 1 + stage 2 per setting costs 1.5 hours on a 2-core CPU, so this ranks encoders and
+resolutions first with a training-free proxy: nearest-neighbour captioning (Devlin et al., 2015). Each val image
 takes the consensus caption of its k nearest train images (cosine of the mean-pooled feature map):
 of the k*5 candidate captions, the one with the highest mean n-gram F1 (n = 1..4) to the others.
 Better features find neighbours with more relevant captions. The scores come from the same COCO
-caption metrics as `blip2 eval caption`, and the last columns are differences from the first size,
-all measured in this run. Features go through the same on-disk cache as training, so a size chosen
-here is not encoded again by `blip2 train`.
+caption metrics as `blip2 eval caption`; every encoder runs at every size, and the last columns are
+differences from the first (encoder, size) pair, all measured in this run. Features go through the
+same on-disk cache as training, so a setting chosen here is not encoded again by `blip2 train`.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def consensus(candidates: list[str]) -> str:
     return candidates[max(range(len(candidates)), key=scores.__getitem__)]
 
 
-def nn_captions(size: int, feature_map: str, k: int,
+def nn_captions(name: str, size: int, feature_map: str, k: int,
                 data: str) -> tuple[dict[int, list[str]], dict[int, str], int, float]:
     """(val references, val consensus captions, image tokens, seconds spent encoding or loading features)."""
-    encoder = build_vision_encoder(VisionConfig(feature_map=feature_map, image_size=size))
+    encoder = build_vision_encoder(VisionConfig(name=name, feature_map=feature_map, image_size=size))
     t0 = time.perf_counter()
     train, train_feats = split_features(encoder, data, None, "train")
     val, val_feats = split_features(encoder, data, None, "val")
@@ -71,6 +72,8 @@ def nn_captions(size: int, feature_map: str, k: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--encoders", default="efficientnet_lite0",
+                    help="comma-separated packaged encoders (vision.name); the first is the baseline")
     ap.add_argument("--sizes", default="224,256,288,320,384",
                     help="comma-separated input resolutions; the first is the baseline")
     ap.add_argument("--feature-map", default="head", choices=("head", "stage6"))
@@ -79,18 +82,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        refs, cands, tokens, seconds = nn_captions(size, args.feature_map, args.k, args.data)
-        rows.append((size, tokens, caption_metrics(refs, cands)))
-        print(f"size {size}: features in {seconds:.0f} s, e.g. {cands[0]!r}", flush=True)
-    base = rows[0][2]
+    for name in args.encoders.split(","):
+        for size in (int(s) for s in args.sizes.split(",")):
+            refs, cands, tokens, seconds = nn_captions(name, size, args.feature_map, args.k, args.data)
+            rows.append((name, size, tokens, caption_metrics(refs, cands)))
+            print(f"{name} {size}: features in {seconds:.0f} s, e.g. {cands[0]!r}", flush=True)
+    base = rows[0][3]
     print(f"\nnearest-neighbour captioning, Flickr8k val, k={args.k}, feature map {args.feature_map}")
     header = "  ".join(f"{m:>7}" for m in METRICS) + "  " + "  ".join(f"{'d_' + m:>9}" for m in METRICS)
-    print("size  tokens  " + header)
-    for size, tokens, m in rows:
-        print(f"{size:4d}  {tokens:6d}  " + "  ".join(f"{m[k]:7.2f}" for k in METRICS) + "  "
+    print(f"{'encoder':18s}  size  tokens  " + header)
+    for name, size, tokens, m in rows:
+        print(f"{name:18s}  {size:4d}  {tokens:6d}  " + "  ".join(f"{m[k]:7.2f}" for k in METRICS) + "  "
               + "  ".join(f"{m[k] - base[k]:+9.2f}" for k in METRICS))
-    print(f"\ncommand: python bench/feature_resolution.py --sizes {args.sizes} "
+    print(f"\ncommand: python bench/feature_resolution.py --encoders {args.encoders} --sizes {args.sizes} "
           f"--feature-map {args.feature_map} --k {args.k}")
 
 

