@@ -6,9 +6,16 @@ import pytest
 import torch
 
 from blip2.config import DecodeConfig, LLMConfig
-from blip2.generate import generate_ids, process_scores, row_uniforms, sample_tokens, stream_seed
+from blip2.generate import (
+    generate_ensemble_ids,
+    generate_ids,
+    process_scores,
+    row_uniforms,
+    sample_tokens,
+    stream_seed,
+)
 from blip2.llm import FrozenLM
-from conftest import tiny_llama, tiny_lm_tokenizer
+from conftest import LM_WORDS, tiny_llama, tiny_lm_tokenizer, tiny_opt
 
 PROMPTS = [[3, 4, 5], [], [7]]  # different lengths: exercises padding
 # transformers (5.23) skips the first n_left_pads *generated* tokens of a row in its repetition
@@ -124,6 +131,71 @@ def test_sampled_rows_do_not_depend_on_the_batch(tiny_lm):
     assert others != batched
     with pytest.raises(ValueError, match="one seed per input"):
         generate_ids(tiny_lm, soft, PROMPTS, cfg, seeds=seeds[:2])
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_an_ensemble_of_one_model_twice_decodes_as_the_model(tiny_lm, beams):
+    """The mean of two identical distributions is that distribution: greedy and beam outputs unchanged."""
+    cfg = DecodeConfig(num_beams=beams, max_new_tokens=10, min_new_tokens=2, no_repeat_ngram_size=2)
+    soft = _soft(tiny_lm, seed=8)
+    assert generate_ensemble_ids([(tiny_lm, soft), (tiny_lm, soft)], PROMPTS, cfg) == \
+        generate_ids(tiny_lm, soft, PROMPTS, cfg)
+
+
+def _two_members():
+    """A Llama and an OPT that share the word-level vocabulary, with soft prompts of 4 and 6 queries."""
+    a = FrozenLM(tiny_llama(seed=1), tiny_lm_tokenizer(), LLMConfig())
+    b = FrozenLM(tiny_opt(seed=2), tiny_lm_tokenizer(), LLMConfig())
+    return [(a, _soft(a, q=4, seed=3)), (b, _soft(b, q=6, seed=4))]
+
+
+def test_ensemble_greedy_follows_the_members_mean_probability_by_hand():
+    """Greedy ensemble decoding (batched, left-padded, cached) against a by-hand loop: per input, full
+    uncached forward passes of each member, mean of the softmaxes, argmax, until eos."""
+    members, cfg = _two_members(), DecodeConfig(num_beams=1, max_new_tokens=10, min_new_tokens=0)
+    ours = generate_ensemble_ids(members, PROMPTS, cfg)
+    for i, prompt in enumerate(PROMPTS):
+        gen: list[int] = []
+        for _ in range(cfg.max_new_tokens):
+            probs = []
+            for lm, soft in members:
+                embeds, mask = lm._with_soft(soft[i:i + 1], [prompt + gen], left_pad=True)
+                probs.append(lm.model(inputs_embeds=embeds, attention_mask=mask).logits[0, -1].softmax(-1))
+            tok = int(torch.stack(probs).mean(0).argmax())
+            if tok == members[0][0].eos_id:
+                break
+            gen.append(tok)
+        assert ours[i] == gen, i
+    # and the ensemble is neither member alone
+    singles = [generate_ids(lm, soft, PROMPTS, cfg) for lm, soft in members]
+    assert ours != singles[0] and ours != singles[1]
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_ensemble_batched_equals_one_at_a_time(beams):
+    members = _two_members()
+    cfg = DecodeConfig(num_beams=beams, max_new_tokens=10, min_new_tokens=2)
+    batched = generate_ensemble_ids(members, PROMPTS, cfg)
+    single = [generate_ensemble_ids([(lm, soft[i:i + 1]) for lm, soft in members], [p], cfg)[0]
+              for i, p in enumerate(PROMPTS)]
+    assert batched == single
+
+
+def test_ensemble_refuses_members_that_do_not_share_a_vocabulary():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(reversed(LM_WORDS))  # same size, same special ids, other words behind the ids
+    tk = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}},
+                                    unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = FrozenLM(tiny_llama(seed=5), PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>",
+                                                                 pad_token="<pad>", unk_token="<unk>"), LLMConfig())
+    (a, soft), _ = _two_members()
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate_ensemble_ids([(a, soft), (other, _soft(other))], PROMPTS, DecodeConfig())
+    with pytest.raises(ValueError, match="same images"):
+        generate_ensemble_ids([(a, soft), (a, soft[:2])], PROMPTS, DecodeConfig())
 
 
 def test_sampled_captions_of_an_eval_do_not_depend_on_its_batch_size():

@@ -155,9 +155,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval_caption(args: argparse.Namespace) -> int:
     from blip2.config import CaptionEvalConfig
     from blip2.eval.caption import evaluate_generation
+    from blip2.model import Blip2Ensemble
     from blip2.tasks import CAPTION_DECODE
 
     model = _load_generator(args.model, args.device, args.precision)
+    if args.ensemble:
+        model = Blip2Ensemble([model] + [_load_generator(d, args.device, args.precision) for d in args.ensemble])
     cfg = CaptionEvalConfig(max_images=args.max_images, batch_size=args.batch_size,
                             decode=_decode_cfg(args, CAPTION_DECODE))
     result = evaluate_generation(model, args.data, args.images, args.split, cfg, args.cache_dir, args.workers,
@@ -487,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--max-images", type=int, default=None)
     ec.add_argument("--predictions", default=None, metavar="JSONL",
                     help="write every generated caption with its references to this file")
+    ec.add_argument("--ensemble", action="append", default=[], metavar="DIR",
+                    help="another stage-2 model to decode together with --model (repeatable): each step follows "
+                         "the models' mean next-token probability; the LLMs must share one vocabulary")
     _decode_args(ec)
     ec.set_defaults(func=cmd_eval_caption)
 

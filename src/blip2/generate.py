@@ -16,6 +16,8 @@ of processes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from blip2.config import DecodeConfig
@@ -47,7 +49,25 @@ def generate_ids(lm: FrozenLM, soft: torch.Tensor, prompts: list[list[int]], cfg
     samples from its seed alone (sample j of several from `stream_seed(seeds[i], j)`), so passing the
     seeds an input had in one batch reproduces its text in any other.
     """
-    b = soft.shape[0]
+    return generate_ensemble_ids([(lm, soft)], prompts, cfg, num_return_sequences, seeds)
+
+
+def generate_ensemble_ids(members: list[tuple[FrozenLM, torch.Tensor]], prompts: list[list[int]],
+                          cfg: DecodeConfig, num_return_sequences: int = 1,
+                          seeds: list[int] | None = None) -> list[list[int]]:
+    """`generate_ids` for several (LM, soft prompts (B, Q_m, H_m)) members decoded as one: every
+    step's next-token distribution is the mean of the members' (see `EnsembleState`). The members
+    must share one vocabulary and eos/pad ids; their LMs, widths and query counts may differ. One
+    member is exactly `generate_ids`."""
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    lm, b = members[0][0], members[0][1].shape[0]
+    for other, soft in members[1:]:
+        if soft.shape[0] != b:
+            raise ValueError(f"ensemble members got {soft.shape[0]} and {b} inputs: give each member the same images")
+        if not other.same_vocabulary(lm):
+            raise ValueError("ensemble members must share one LLM vocabulary (tokenizer, eos and pad ids, output "
+                             "width): average only models whose frozen LLMs use the same tokenizer")
     if num_return_sequences > 1 and not cfg.do_sample:
         raise ValueError("num_return_sequences > 1 needs decode.do_sample=true: greedy search would return "
                          "the same text n times (and beam search returns its best hypothesis only)")
@@ -58,18 +78,61 @@ def generate_ids(lm: FrozenLM, soft: torch.Tensor, prompts: list[list[int]], cfg
         seeds = seeds if seeds is not None else [stream_seed(cfg.seed, i) for i in range(b)]
         row_seeds = (seeds if num_return_sequences == 1
                      else [stream_seed(s, j) for s in seeds for j in range(num_return_sequences)])
-    state: DecodeState | StaticDecodeState = lm.start(soft, prompts)
-    if cfg.num_beams > 1 or num_return_sequences > 1:
-        state.expand(max(cfg.num_beams, num_return_sequences))  # the prefix was computed once per input
-    if use_static_cache(lm, cfg.static_cache):
-        state = StaticDecodeState(state, cfg.max_new_tokens)
+    states: list[DecodeState | StaticDecodeState] = []
+    for member_lm, soft in members:
+        state: DecodeState | StaticDecodeState = member_lm.start(soft, prompts)
+        if cfg.num_beams > 1 or num_return_sequences > 1:
+            state.expand(max(cfg.num_beams, num_return_sequences))  # the prefix was computed once per input
+        if use_static_cache(member_lm, cfg.static_cache):
+            state = StaticDecodeState(state, cfg.max_new_tokens)
+        states.append(state)
+    run: AnyState = states[0] if len(states) == 1 else EnsembleState(states)
     if cfg.num_beams > 1:
-        out = _beam_search(state, cfg, lm.eos_id, lm.pad_id)
+        out = _beam_search(run, cfg, lm.eos_id, lm.pad_id)
     else:
-        out = _greedy_or_sample(state, cfg, lm.eos_id, lm.pad_id, row_seeds)
-    if isinstance(state, StaticDecodeState):
-        state.release()  # only after a clean run: the next call of this shape reuses cache and graph
+        out = _greedy_or_sample(run, cfg, lm.eos_id, lm.pad_id, row_seeds)
+    for state in states:
+        if isinstance(state, StaticDecodeState):
+            state.release()  # only after a clean run: the next call of this shape reuses cache and graph
     return [_strip(row, lm.eos_id) for row in out.tolist()]
+
+
+class EnsembleState:
+    """Several members' decode states stepped together as one (same rows, same tokens fed).
+
+    `logits` are the log of the members' mean next-token probability, log(1/M sum_m softmax(l_m)):
+    already normalised, so beam search's log_softmax leaves them unchanged and greedy search picks the
+    token the members together find most likely. Averaging probabilities rather than logits is the
+    usual captioning ensemble: a member that rules a token out cannot veto the others.
+    """
+
+    def __init__(self, states: list[DecodeState | StaticDecodeState]):
+        self.states = states
+        self.lm = states[0].lm  # eos, pad and suppressed ids (shared by construction)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        logp = torch.stack([s.logits.float().log_softmax(-1) for s in self.states])  # (M, N, V)
+        return logp.logsumexp(0) - math.log(len(self.states))  # (N, V)
+
+    @property
+    def history(self) -> torch.Tensor:
+        return self.states[0].history  # (N, t): every member was fed the same tokens
+
+    def expand(self, k: int) -> None:
+        for s in self.states:
+            s.expand(k)
+
+    def select(self, rows: torch.Tensor) -> None:
+        for s in self.states:
+            s.select(rows)
+
+    def step(self, tokens: torch.Tensor) -> None:
+        for s in self.states:
+            s.step(tokens)
+
+
+AnyState = DecodeState | StaticDecodeState | EnsembleState
 
 
 def _strip(ids: list[int], eos: int) -> list[int]:
@@ -138,7 +201,7 @@ def row_uniforms(seeds: list[int], steps: int, device: torch.device | str = "cpu
     return torch.stack(rows).to(device) if rows else torch.zeros(0, steps, dtype=torch.float64, device=device)
 
 
-def _greedy_or_sample(state: DecodeState | StaticDecodeState, cfg: DecodeConfig, eos: int, pad: int,
+def _greedy_or_sample(state: AnyState, cfg: DecodeConfig, eos: int, pad: int,
                       row_seeds: list[int]) -> torch.Tensor:
     """Greedy or sampled decoding (row r from its seed row_seeds[r]); rows that emitted eos leave the
     batch (their LM work stops)."""
@@ -167,7 +230,7 @@ def _greedy_or_sample(state: DecodeState | StaticDecodeState, cfg: DecodeConfig,
     return out
 
 
-def _beam_search(state: DecodeState | StaticDecodeState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
+def _beam_search(state: AnyState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
     """Beam search (transformers' semantics) over a state already expanded to B * num_beams rows;
     returns the best finished hypothesis per input (B, T),
     padded with `pad`. An input whose running beams can no longer beat its finished ones leaves

@@ -205,6 +205,16 @@ class FrozenLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
+    @property
+    def vocab_size(self) -> int:
+        """Width of the next-token logits (rows of the output layer)."""
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def same_vocabulary(self, other: FrozenLM) -> bool:
+        """Whether token ids mean the same text in both LMs (ensembles average their distributions)."""
+        return ((self.eos_id, self.pad_id, self.vocab_size) == (other.eos_id, other.pad_id, other.vocab_size)
+                and self.tokenizer.get_vocab() == other.tokenizer.get_vocab())
+
     def encode(self, texts: list[str], max_len: int) -> list[list[int]]:
         """Token ids without special tokens, truncated to max_len."""
         if not texts:

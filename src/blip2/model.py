@@ -358,3 +358,54 @@ class Blip2(nn.Module):
                         "(fingerprint %s != %s): features will not match training", current, saved)
         model.meta = doc.get("meta", {})
         return model.eval()  # inference mode, as transformers' from_pretrained; training calls .train()
+
+
+class Blip2Ensemble:
+    """Stage-2 models decoded as one (`blip2 eval caption --ensemble`): every member reads its own
+    encoder's features into its own soft prompt, and each decoding step follows the members' mean
+    next-token probability (blip2.generate.EnsembleState). Members may differ in encoder, Q-Former and
+    LLM weights, but not in the LLM's vocabulary."""
+
+    def __init__(self, members: list[Blip2]):
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least two models, got {len(members)}")
+        for i, m in enumerate(members):
+            if m.llm is None:
+                raise ValueError(f"ensemble member {i} is a stage-1 model (no LLM): only stage-2 models generate")
+            if not m.llm.same_vocabulary(members[0].llm):
+                raise ValueError(f"ensemble member {i}'s LLM has another vocabulary than member 0's: members must "
+                                 "share one tokenizer, since their next-token probabilities are averaged")
+        self.members = members
+
+    @property
+    def llm(self) -> FrozenLM:
+        """Member 0's LLM, which tokenises prompts and decodes outputs for all (one vocabulary)."""
+        assert self.members[0].llm is not None
+        return self.members[0].llm
+
+    def eval(self) -> Blip2Ensemble:
+        for m in self.members:
+            m.eval()
+        return self
+
+    @torch.no_grad()
+    def generate(self, image_feats: list[torch.Tensor], prompts: list[str] | None = None,
+                 cfg: DecodeConfig | None = None, seeds: list[int] | None = None) -> list[str]:
+        """One (B, N_m, C_m) feature tensor per member (from its own encoder) -> text per image."""
+        from blip2.generate import generate_ensemble_ids
+
+        if len(image_feats) != len(self.members):
+            raise ValueError(f"{len(image_feats)} feature tensors for {len(self.members)} members: one per member")
+        b = image_feats[0].shape[0]
+        prompts = prompts if prompts is not None else [""] * b
+        if len(prompts) != b:
+            raise ValueError(f"{len(prompts)} prompts for {b} images")
+        ids = self.llm.encode_prompts(prompts)
+        for i, m in enumerate(self.members[1:], 1):
+            assert m.llm is not None
+            if m.llm.encode_prompts(prompts) != ids:
+                raise ValueError(f"ensemble member {i} formats prompts differently from member 0 (llm settings such "
+                                 "as prompt_special_tokens differ): members must see the same prompt tokens")
+        members = [(m.llm, m.soft_prompt(f)) for m, f in zip(self.members, image_feats, strict=True)]
+        out = generate_ensemble_ids(members, ids, cfg or DecodeConfig(), seeds=seeds)  # type: ignore[misc]
+        return [self.llm.decode(x) for x in out]

@@ -102,6 +102,13 @@ def test_stage2_kill_resume_bit_identical_then_inference(setup, tmp_path, capsys
     assert [p["references"] for p in preds] == [[s["raw"] for s in im["sentences"]] for im in val]
     assert [p["caption"] for p in preds[:len(result["examples"])]] == [e["caption"] for e in result["examples"]]
     assert result["mean_caption_words"] == sum(len(p["caption"].split()) for p in preds) / 3
+    # the model ensembled with itself decodes as the model alone (the mean of equal distributions)
+    assert main(["eval", "caption", "--model", model_dir, "--ensemble", model_dir, "--data", str(ann), "--split",
+                 "val", "--max-images", "3", "--num-beams", "2", "--max-new-tokens", "4", "--min-new-tokens", "1",
+                 "--workers", "0", "--cache-dir", str(root / "cache"), "--json",
+                 "--predictions", str(tmp_path / "pred-ens.jsonl")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "pred-ens.jsonl").read_text() == (tmp_path / "pred.jsonl").read_text()
     assert main(["eval", "vqa", "--model", model_dir, "--data", str(ann), "--split", "val", "--options", "yes,no",
                  "--workers", "0", "--cache-dir", str(root / "cache"), "--max-questions", "6", "--json",
                  "--predictions", str(tmp_path / "answers.jsonl")]) == 0

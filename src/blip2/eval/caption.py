@@ -15,7 +15,7 @@ from blip2.config import CaptionEvalConfig, DecodeConfig
 from blip2.data.cache import split_features
 from blip2.eval.vqa import vqa_accuracy
 from blip2.io import atomic_write_text
-from blip2.model import Blip2
+from blip2.model import Blip2, Blip2Ensemble
 from blip2.tasks import VQA_DECODE
 
 log = logging.getLogger(__name__)
@@ -65,36 +65,52 @@ def caption_metrics(references: dict[int, list[str]], candidates: dict[int, str]
     return out
 
 
-def generate_for(model: Blip2, feats: torch.Tensor, prompts: list[str], decode: DecodeConfig, batch_size: int,
-                 progress: bool = False, desc: str = "generating") -> list[str]:
-    """Generate for (N, T, C) features in batches (one prompt per row). Sampled rows draw from
-    stream_seed(decode.seed, row), so the texts do not depend on `batch_size`."""
+def generate_for(model: Blip2 | Blip2Ensemble, feats: torch.Tensor | list[torch.Tensor], prompts: list[str],
+                 decode: DecodeConfig, batch_size: int, progress: bool = False, desc: str = "generating") -> list[str]:
+    """Generate for (N, T, C) features in batches (one prompt per row; an ensemble takes one feature
+    tensor per member). Sampled rows draw from stream_seed(decode.seed, row), so the texts do not
+    depend on `batch_size`."""
     from blip2.generate import stream_seed
 
     out: list[str] = []
     model.eval()
-    for s in tqdm(range(0, feats.shape[0], batch_size), desc=desc, disable=not progress):
-        rows = range(s, min(s + batch_size, feats.shape[0]))
+    n = (feats[0] if isinstance(feats, list) else feats).shape[0]
+    for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
+        rows = range(s, min(s + batch_size, n))
         seeds = [stream_seed(decode.seed, r) for r in rows] if decode.do_sample else None
-        out += model.generate(feats[s:s + batch_size].float(), prompts[s:s + batch_size], decode, seeds)
+        if isinstance(model, Blip2Ensemble):
+            assert isinstance(feats, list)
+            out += model.generate([f[s:s + batch_size].float() for f in feats], prompts[s:s + batch_size], decode,
+                                  seeds)
+        else:
+            assert isinstance(feats, torch.Tensor)
+            out += model.generate(feats[s:s + batch_size].float(), prompts[s:s + batch_size], decode, seeds)
     return out
 
 
-def evaluate_generation(model: Blip2, annotations: str, images: str | None, split: str, cfg: CaptionEvalConfig,
-                        cache_dir: str | None = None, num_workers: int = 2, progress: bool = True,
-                        prompt: str = "", qa_template: str = "", predictions: str | None = None) -> dict[str, Any]:
+def evaluate_generation(model: Blip2 | Blip2Ensemble, annotations: str, images: str | None, split: str,
+                        cfg: CaptionEvalConfig, cache_dir: str | None = None, num_workers: int = 2,
+                        progress: bool = True, prompt: str = "", qa_template: str = "",
+                        predictions: str | None = None) -> dict[str, Any]:
     """Caption metrics on `split` and, where images carry question/answer pairs, VQA accuracy.
 
     `predictions` names a JSONL file that receives every generated caption with its references, so
-    that errors can be read beyond the few examples kept in the result.
+    that errors can be read beyond the few examples kept in the result. An ensemble reads the split
+    through each member's encoder.
     """
     from blip2.tasks import vqa_prompt
 
     t0 = time.perf_counter()
-    recs, cached = split_features(model.vision, annotations, images, split, cfg.max_images, cache_dir,
-                                  num_workers, progress)
-    captions = generate_for(model, cached.features, [prompt] * len(recs), cfg.decode, cfg.batch_size, progress,
-                            "captioning")
+    members = model.members if isinstance(model, Blip2Ensemble) else [model]
+    loaded = [split_features(m.vision, annotations, images, split, cfg.max_images, cache_dir, num_workers, progress)
+              for m in members]
+    recs, cached = loaded[0]
+    if any([r.path for r in other] != [r.path for r in recs] for other, _ in loaded[1:]):
+        raise RuntimeError("ensemble members read different images of the split (an image failed for one "
+                           "encoder only?): rerun with a clean feature cache")
+    feats: torch.Tensor | list[torch.Tensor] = (
+        [c.features for _, c in loaded] if isinstance(model, Blip2Ensemble) else cached.features)
+    captions = generate_for(model, feats, [prompt] * len(recs), cfg.decode, cfg.batch_size, progress, "captioning")
     result: dict[str, Any] = {"num_images": len(recs), "skipped_images": len(cached.failed), "split": split}
     refs = {i: r.captions for i, r in enumerate(recs) if r.captions}
     if refs:
@@ -114,7 +130,8 @@ def evaluate_generation(model: Blip2, annotations: str, images: str | None, spli
         assert model.llm is not None
         idx = torch.tensor([i for i, _, _ in qa])
         prompts = [vqa_prompt(model.llm, q, qa_template) for _, q, _ in qa]
-        answers = generate_for(model, cached.features[idx], prompts, VQA_DECODE, cfg.batch_size, progress, "vqa")
+        answers = generate_for(model, [f[idx] for f in feats] if isinstance(feats, list) else feats[idx], prompts,
+                               VQA_DECODE, cfg.batch_size, progress, "vqa")
         result["vqa_accuracy"] = 100 * sum(vqa_accuracy(p, [a]) for p, (_, _, a) in zip(answers, qa, strict=True)
                                            ) / len(qa)
         result["vqa_questions"] = len(qa)
