@@ -96,6 +96,16 @@ def _load_generator(path: str, device: str = "cpu", precision: str | None = None
     return model
 
 
+def _load_generator_or_ensemble(args: argparse.Namespace):
+    """--model, or with --ensemble DIR... a Blip2Ensemble of --model and those models."""
+    from blip2.model import Blip2Ensemble
+
+    model = _load_generator(args.model, args.device, args.precision)
+    if not args.ensemble:
+        return model
+    return Blip2Ensemble([model] + [_load_generator(d, args.device, args.precision) for d in args.ensemble])
+
+
 def _decode_cfg(args: argparse.Namespace, base):
     import dataclasses
 
@@ -110,7 +120,7 @@ def _decode_cfg(args: argparse.Namespace, base):
 def cmd_caption(args: argparse.Namespace) -> int:
     from blip2.tasks import CAPTION_DECODE, image_features
 
-    model = _load_generator(args.model, args.device, args.precision)
+    model = _load_generator_or_ensemble(args)
     decode = _decode_cfg(args, CAPTION_DECODE)
     for path in args.images:
         text = model.generate(image_features(model, [path]), [args.prompt], decode)[0]
@@ -155,12 +165,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval_caption(args: argparse.Namespace) -> int:
     from blip2.config import CaptionEvalConfig
     from blip2.eval.caption import evaluate_generation
-    from blip2.model import Blip2Ensemble
     from blip2.tasks import CAPTION_DECODE
 
-    model = _load_generator(args.model, args.device, args.precision)
-    if args.ensemble:
-        model = Blip2Ensemble([model] + [_load_generator(d, args.device, args.precision) for d in args.ensemble])
+    model = _load_generator_or_ensemble(args)
     cfg = CaptionEvalConfig(max_images=args.max_images, batch_size=args.batch_size,
                             decode=_decode_cfg(args, CAPTION_DECODE))
     result = evaluate_generation(model, args.data, args.images, args.split, cfg, args.cache_dir, args.workers,
@@ -227,6 +234,12 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--static-cache", dest="static_cache", choices=("auto", "on", "off"),
                    help="preallocated KV cache + one CUDA graph per decode step (auto: on for a decoder-only "
                         "LM on a GPU)")
+
+
+def _ensemble_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ensemble", action="append", default=[], metavar="DIR",
+                   help="another stage-2 model to decode together with --model (repeatable): each step follows "
+                        "the models' mean next-token probability; the LLMs must share one vocabulary")
 
 
 def _device_arg(p: argparse.ArgumentParser) -> None:
@@ -450,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arg(c)
     c.add_argument("images", nargs="+")
     c.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"')
+    _ensemble_arg(c)
     _decode_args(c)
     c.set_defaults(func=cmd_caption)
 
@@ -490,9 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--max-images", type=int, default=None)
     ec.add_argument("--predictions", default=None, metavar="JSONL",
                     help="write every generated caption with its references to this file")
-    ec.add_argument("--ensemble", action="append", default=[], metavar="DIR",
-                    help="another stage-2 model to decode together with --model (repeatable): each step follows "
-                         "the models' mean next-token probability; the LLMs must share one vocabulary")
+    _ensemble_arg(ec)
     _decode_args(ec)
     ec.set_defaults(func=cmd_eval_caption)
 

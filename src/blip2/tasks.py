@@ -75,8 +75,13 @@ def load_pixels(model, paths: list[str]) -> torch.Tensor:
     return torch.stack([eval_transform(load_rgb(p), model.vision.preprocess) for p in paths])
 
 
-def image_features(model, paths: list[str]) -> torch.Tensor:
-    """Image files -> (B, N, C) frozen features with the encoder's eval preprocessing."""
+def image_features(model, paths: list[str]) -> torch.Tensor | list[torch.Tensor]:
+    """Image files -> (B, N, C) frozen features with the encoder's eval preprocessing; for a
+    Blip2Ensemble one such tensor per member, each through its own encoder and preprocessing."""
+    from blip2.model import Blip2Ensemble
+
+    if isinstance(model, Blip2Ensemble):
+        return [image_features(m, paths) for m in model.members]  # type: ignore[misc]
     pixels = load_pixels(model, paths)
     with torch.no_grad():
         return model.image_features(pixels)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,7 +87,12 @@ def test_stage2_kill_resume_bit_identical_then_inference(setup, tmp_path, capsys
     capsys.readouterr()
     assert main(["caption", "--model", model_dir, image_path, "--num-beams", "2", "--max-new-tokens", "4",
                  "--min-new-tokens", "1"]) == 0
-    assert capsys.readouterr().out.startswith(image_path + "\t")
+    alone = capsys.readouterr().out
+    assert alone.startswith(image_path + "\t")
+    # the model ensembled with itself captions as the model alone (the mean of equal distributions)
+    assert main(["caption", "--model", model_dir, "--ensemble", model_dir, image_path, "--num-beams", "2",
+                 "--max-new-tokens", "4", "--min-new-tokens", "1"]) == 0
+    assert capsys.readouterr().out == alone
     assert main(["ask", "--model", model_dir, image_path, "is there a red square?", "--options", "yes,no"]) == 0
     ranked = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
     assert sorted(o for o, _ in ranked) == ["no", "yes"] and float(ranked[0][1]) >= float(ranked[1][1])
@@ -196,18 +202,43 @@ def test_length_grouped_batches_change_the_run_and_resume_exactly(setup, tmp_pat
     assert not weights["full"]["llm_proj.weight"].equal(weights["plain"]["llm_proj.weight"])  # other batches
 
 
+def _collapsed_copy(model: Path, out: Path) -> Path:
+    """`model` with every query token set to the first one: identical query outputs (queries have no
+    position embedding), i.e. the collapse measured on Flickr8k."""
+    shutil.copytree(model, out)
+    weights = load_file(str(out / "model.safetensors"))
+    weights["qformer.query_tokens"] = weights["qformer.query_tokens"][:, :1].expand_as(
+        weights["qformer.query_tokens"]).contiguous()
+    save_file(weights, str(out / "model.safetensors"))
+    return out
+
+
+def test_stage2_warns_once_when_its_queries_are_still_collapsed_after_the_warmup(setup, tmp_path, caplog):
+    # A near-zero learning rate keeps the identical queries identical through 3 logged steps: no
+    # warning while the warmup lasts, then one (not one per logged step) that names the clip fix.
+    root, _, _ = setup
+    collapsed = _collapsed_copy(root / "s1" / "model", tmp_path / "collapsed")
+    for warmup, expect in ((5, 0), (2, 1)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="blip2.train.loop"):
+            train(_recipe(setup, [f"stage2.init={collapsed}", "train.steps=4", f"train.warmup_steps={warmup}",
+                                  "train.lr=1e-12", "train.grad_clip=0", "eval.enabled=false"]),
+                  tmp_path / f"warmup{warmup}", progress=False)
+        warned = [m for m in (r.getMessage() for r in caplog.records) if m.startswith("stage 2, step")]
+        assert len(warned) == expect, warned
+    assert warned[0].startswith("stage 2, step 2: the query outputs have collapsed (mean cosine 1.000")
+    assert "train.grad_clip=20.0 with train.grad_clip_from=0" in warned[0]
+    rows = [json.loads(x) for x in open(tmp_path / "warmup2" / "metrics.jsonl")]
+    assert all(r["query_cos"] > COLLAPSED_QUERY_COS for r in rows)  # the logged value the warning read
+
+
 def test_stage2_warns_when_the_stage1_queries_have_collapsed(setup, tmp_path, caplog):
     # Identical query tokens give identical query outputs (queries have no position embedding), i.e.
     # the collapse measured on Flickr8k; the run must say so before it spends its budget.
     root, _, _ = setup
     s1 = json.loads((root / "s1" / "summary.json").read_text())
     assert -1.0 <= s1["query_cos"] <= 1.0
-    collapsed = tmp_path / "collapsed"
-    shutil.copytree(root / "s1" / "model", collapsed)
-    weights = load_file(str(collapsed / "model.safetensors"))
-    weights["qformer.query_tokens"] = weights["qformer.query_tokens"][:, :1].expand_as(
-        weights["qformer.query_tokens"]).contiguous()
-    save_file(weights, str(collapsed / "model.safetensors"))
+    collapsed = _collapsed_copy(root / "s1" / "model", tmp_path / "collapsed")
 
     for init, expect in ((root / "s1" / "model", s1["query_cos"] > COLLAPSED_QUERY_COS), (collapsed, True)):
         caplog.clear()

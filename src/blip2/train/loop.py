@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from blip2.config import PipelineRecipe, Stage1Recipe, Stage2Recipe, from_dict, to_dict
+from blip2.config import PipelineRecipe, Stage1Recipe, Stage2Recipe, TrainConfig, from_dict, to_dict
 from blip2.data.cache import cached_features
 from blip2.data.pairs import EpochSampler, Pairs
 from blip2.data.records import ImageRecord, has_splits, load_records
@@ -359,6 +359,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     # norm and how many steps the clip changed (device tensors, read only when a row is logged).
     window_gmax: torch.Tensor | None = None
     window_clipped = 0
+    warned_collapse = False
     step = start
     while step < tc.steps:
         lr = lr_at(step, tc)
@@ -409,6 +410,10 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
                 row["loss_scale"] = scaler.get_scale()
             row["query_cos"] = round(model.query_diversity(feats), 4)  # last micro-batch
             metrics.write(row)
+            if stage == 2 and not warned_collapse and step >= tc.warmup_steps \
+                    and row["query_cos"] > COLLAPSED_QUERY_COS:
+                warned_collapse = True
+                _warn_stage2_collapse(step, row["query_cos"], tc)
             bar.set_postfix(loss=f"{totals['loss']:.3f}", sps=row["samples_per_s"])
         if log_now:  # a new window starts on every rank
             window_t, window_n, window_gmax, window_clipped = time.perf_counter(), 0, None, 0
@@ -437,6 +442,19 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     summary.update(evaluate(recipe, model, progress))
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _warn_stage2_collapse(step: int, cos: float, tc: TrainConfig) -> None:
+    """Once per run: stage 2's queries are still collapsed after the warmup. Seen on Flickr8k with a
+    Q-Former trained from scratch (run_stage1=false): the warmup's unclipped gradients (norms up to
+    ~23,000) merged the queries within 20 steps and they stayed merged for ~400 of 2000 steps."""
+    unclipped_start = tc.grad_clip_from > 0 or not tc.grad_clip
+    clip = (f"train.grad_clip={tc.grad_clip or 20.0} with train.grad_clip_from=0" if unclipped_start
+            else "a lower train.lr or a longer train.warmup_steps")
+    log.warning("stage 2, step %d: the query outputs have collapsed (mean cosine %.3f between the queries of one "
+                "image; 1 = identical), so the LLM reads one vector per image and learns little until they part. "
+                "Large gradients early in training do this; try %s (on Flickr8k a clip at 20 from the first "
+                "step kept them apart: docs/RESULTS.md, \"The no-stage-1 collapse\").", step, cos, clip)
 
 
 def _check_queries(model: Blip2, pairs: Pairs, device: torch.device, what: str, n: int = 16,
