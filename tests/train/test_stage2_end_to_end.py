@@ -218,8 +218,8 @@ def _collapsed_copy(model: Path, out: Path) -> Path:
 
 
 def test_stage2_warns_once_when_its_queries_are_still_collapsed_after_the_warmup(setup, tmp_path, caplog):
-    # A near-zero learning rate keeps the identical queries identical through 3 logged steps: no
-    # warning while the warmup lasts, then one (not one per logged step) that names the clip fix.
+    # A near-zero learning rate keeps the identical queries identical through all 4 logged steps: no
+    # warning while the warmup lasts, then one (not one per logged step after it) that names the clip fix.
     root, _, _ = setup
     collapsed = _collapsed_copy(root / "s1" / "model", tmp_path / "collapsed")
     for warmup, expect in ((5, 0), (2, 1)):
