@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from blip2.config import Blip2Config, VisionConfig
-from blip2.model import Blip2, native_half, warn_slow_half
+from blip2.model import Blip2, cpu_identity, machine_info, native_half, warn_slow_half
 from conftest import tiny_qformer
 
 
@@ -179,3 +179,39 @@ def test_native_bf16_agrees_with_the_cpu_flags():
     assert native_half("bf16") == bool({"avx512_bf16", "amx_bf16"} & flags)
     with pytest.raises(ValueError, match="bf16 or fp16"):
         native_half("fp32")
+
+
+# Two processors of a Zen 4 guest, abridged: only the first is read, and its "model" line is not
+# confused with "model name".
+ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+cpu MHz\t\t: 2596.146
+flags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 hypervisor
+
+processor\t: 1
+cpu family\t: 99
+model\t\t: 1
+model name\t: Other
+flags\t\t: fpu amx_tile
+"""
+
+
+def test_cpu_identity_tells_apart_cpus_that_share_a_name():
+    assert cpu_identity(ZEN4) == {"name": "AMD EPYC", "cpu_id": "family 25 model 17", "mhz": 2596,
+                                  "flags": ["avx512f", "avx512_bf16", "avx512_vnni"]}
+    # An arm64 /proc/cpuinfo has none of these fields; no /proc/cpuinfo at all gives an empty text.
+    assert cpu_identity("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\n") == {}
+    assert cpu_identity("") == {}
+
+
+def test_machine_info_records_the_cpu_identity():
+    info = machine_info(torch.device("cpu"))
+    assert info["cpu_count"] >= 1 and info["torch_threads"] >= 1
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and "cpu family" in cpuinfo.read_text():  # x86 Linux: the identity is recorded
+        assert info["cpu_id"].startswith("family ")
+        # the parsed flags and torch's own probe (native_half) agree on native bf16
+        assert info["native_bf16"] == bool({"avx512_bf16", "amx_tile", "amx_bf16"} & set(info["flags"]))

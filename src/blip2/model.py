@@ -83,21 +83,42 @@ def native_half(precision: str) -> bool:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What a run's timings depend on, saved in its summary: the same recipe ran 2.6x slower in
-    stage 2 on an AVX-512 CPU without native bf16 than on one with it."""
-    info: dict[str, Any] = {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "native_bf16": native_half("bf16"), "torch": torch.__version__}
+    stage 2 on an AVX-512 CPU without native bf16 than on one with it, and 2.2x slower on a Zen 4
+    EPYC than on a Zen 5 one, which both call themselves "AMD EPYC" (hence `cpu_id`)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu = cpu_identity(cpuinfo.read_text() if cpuinfo.is_file() else "")
+    info: dict[str, Any] = {"cpu": cpu.pop("name", None) or platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "native_bf16": native_half("bf16"), "torch": torch.__version__, **cpu}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+# Instruction sets the CPU timings in docs/RESULTS.md turn on (bf16 matmuls, AMX tiles, AVX-512).
+TIMING_FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_identity(cpuinfo: str) -> dict[str, Any]:
+    """The first processor of a Linux /proc/cpuinfo text: `name`, `cpu_id` ("family F model M",
+    which tells apart CPU generations that share a marketing name), `mhz`, and which TIMING_FLAGS
+    it has. Empty for an empty text (no /proc/cpuinfo: macOS, Windows)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    out: dict[str, Any] = {}
+    if "model name" in fields:
+        out["name"] = fields["model name"]
+    if "cpu family" in fields and "model" in fields:
+        out["cpu_id"] = f"family {fields['cpu family']} model {fields['model']}"
+    if fields.get("cpu MHz"):
+        out["mhz"] = round(float(fields["cpu MHz"]))
+    if "flags" in fields:
+        flags = set(fields["flags"].split())
+        out["flags"] = [f for f in TIMING_FLAGS if f in flags]
+    return out
 
 
 def warn_slow_half(device: torch.device, precisions: list[str]) -> bool:
