@@ -83,7 +83,7 @@ def native_half(precision: str) -> bool:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What a run's timings depend on, saved in its summary: the same recipe ran 2.6x slower in
-    stage 2 on an AVX-512 CPU without native bf16 than on one with it, and 2.2x slower on a Zen 4
+    stage 2 on an AVX-512 CPU without native bf16 than on one with it, and about 2x slower on a Zen 4
     EPYC than on a Zen 5 one, which both call themselves "AMD EPYC" (hence `cpu_id`)."""
     cpuinfo = Path("/proc/cpuinfo")
     cpu = cpu_identity(cpuinfo.read_text() if cpuinfo.is_file() else "")
