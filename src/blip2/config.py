@@ -255,6 +255,13 @@ class TrainConfig:
 
     # Optimizer steps; each step sees batch_size * grad_accum pairs.
     steps: int = 1000
+    # Wall-clock cap on the training steps in minutes (0 = none; feature caching, model loading and
+    # evaluation are outside it). At the end of the warmup (at least 10 steps in) the
+    # loop measures its seconds per step and, if `steps` would overrun, lowers `steps` to what fits;
+    # the cosine schedule then runs as if the recipe had said that count. So a recipe sized for a fast
+    # CPU keeps its budget on a slower one, training fewer steps there. The plan is saved in every
+    # checkpoint (a resumed run keeps it) and in summary.json ("time_cap").
+    max_minutes: float = 0.0
     # Global batch: with N processes (torchrun) each takes batch_size / N of it.
     batch_size: int = 32
     grad_accum: int = 1
@@ -336,6 +343,8 @@ class TrainConfig:
                 raise ValueError(f"train.lr_mult[{pattern!r}] must be a positive multiplier, got {mult}")
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if not self.max_minutes >= 0:
+            raise ValueError(f"train.max_minutes must be >= 0 minutes of training (0 = no cap), got {self.max_minutes}")
         if self.grad_clip_from < 0:
             raise ValueError(f"train.grad_clip_from must be >= 0 (0 = clip from the first step), "
                              f"got {self.grad_clip_from}")

@@ -152,6 +152,54 @@ def test_sigkill_at_a_random_step_resumes_bit_identical(scenes, tmp_path):
         assert full[k].equal(resumed[k]), f"{k}: {why}"
 
 
+def test_time_cap_trains_the_steps_that_fit_as_if_the_recipe_said_so(scenes, tmp_path, monkeypatch):
+    """train.max_minutes on a clock where every step takes 10 s: after the warmup's 10 steps (100 s)
+    a 3-minute cap leaves 80 s, i.e. 8 more steps. The run equals one configured with steps=18, and a
+    kill after the plan resumes to the same 18 steps."""
+    from blip2.train import loop
+
+    clock = {"t": 0.0}
+    loop_lr_at = loop.lr_at
+
+    def lr_at_ticking(step, cfg):  # called once at the start of every step
+        clock["t"] += 10.0
+        return loop_lr_at(step, cfg)
+
+    monkeypatch.setattr(loop, "lr_at", lr_at_ticking)
+    monkeypatch.setattr(loop, "_now", lambda: clock["t"])
+    base = [*_args(scenes), "train.warmup_steps=10", "train.ckpt_every=4", "eval.enabled=false", "train.threads=1"]
+    capped = [*base, "train.steps=40", "train.max_minutes=3"]
+
+    summary = train(load_recipe(_recipe_path(), capped), tmp_path / "cap", progress=False)
+    assert summary["steps"] == 18
+    assert summary["time_cap"] == {"max_minutes": 3.0, "recipe_steps": 40, "planned_steps": 18,
+                                   "planned_at_step": 10, "seconds_per_step": 10.0}
+    assert summary["train_minutes"] == 3.0
+    cfg = json.loads((tmp_path / "cap" / "model" / "config.json").read_text())
+    assert cfg["meta"]["steps"] == 18 and cfg["meta"]["recipe"]["train"]["steps"] == 18
+    capped_w = load_file(str(tmp_path / "cap" / "model" / "model.safetensors"))
+
+    train(load_recipe(_recipe_path(), [*base, "train.steps=18"]), tmp_path / "fixed", progress=False)
+    fixed_w = load_file(str(tmp_path / "fixed" / "model" / "model.safetensors"))
+
+    clock["t"] = 0.0
+    assert train(load_recipe(_recipe_path(), capped), tmp_path / "kill", stop_after=14, progress=False) \
+        == {"stopped_at": 14}
+    clock["t"] = 1e6  # another process, another clock: the plan comes from the checkpoint (step 12)
+    resumed = train(load_recipe(_recipe_path(), capped), tmp_path / "kill", progress=False)
+    assert resumed["steps"] == 18 and resumed["time_cap"]["planned_steps"] == 18
+    assert resumed["train_minutes"] == 2.0 + 6 * 10 / 60  # 120 s to the checkpoint + 6 steps
+    resumed_w = load_file(str(tmp_path / "kill" / "model" / "model.safetensors"))
+    for k in fixed_w:
+        assert capped_w[k].equal(fixed_w[k]), k
+        assert resumed_w[k].equal(fixed_w[k]), k
+
+    clock["t"] = 0.0
+    roomy = train(load_recipe(_recipe_path(), [*base, "train.steps=12", "train.max_minutes=60"]),
+                  tmp_path / "roomy", progress=False)
+    assert roomy["steps"] == 12 and roomy["time_cap"]["planned_steps"] == 12
+
+
 def test_logged_rows_carry_the_windows_largest_gradient_norm_and_clip_count(scenes, tmp_path):
     # The same 6 steps logged every step and every 3 steps: training is identical, so each 3-step
     # row's grad_norm_max is the largest of the per-step norms, and a clip below every norm counts

@@ -4,7 +4,7 @@ import pytest
 
 from blip2.config import Blip2Config, TrainConfig
 from blip2.model import Blip2
-from blip2.train.optim import build_optimizer, lr_at
+from blip2.train.optim import PLAN_MIN_STEPS, build_optimizer, lr_at, plan_step, steps_within_cap
 from conftest import tiny_qformer
 
 
@@ -31,6 +31,19 @@ def test_warmup_then_cosine_to_floor():
     assert lr_at(110, cfg) == pytest.approx(1e-4)
     lrs = [lr_at(s, cfg) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_time_cap_plans_the_steps_that_fit():
+    cfg = TrainConfig(steps=1000, warmup_steps=50, max_minutes=10)  # 600 s
+    # 50 steps took 100 s; at 2 s/step the other 500 s hold 250 more
+    assert steps_within_cap(cfg, 50, 100.0, 2.0) == 300
+    assert steps_within_cap(cfg, 50, 100.0, 2.01) == 298  # floor(500 / 2.01) = 248: never over the cap
+    assert steps_within_cap(cfg, 50, 100.0, 0.1) == 1000  # all fit: the recipe's count, not more
+    assert steps_within_cap(cfg, 50, 700.0, 2.0) == 50  # the cap is spent already: stop here
+    # planned at the end of the warmup, which lr_at's cosine has not started yet
+    assert plan_step(cfg) == 50 and plan_step(TrainConfig(warmup_steps=3)) == PLAN_MIN_STEPS
+    with pytest.raises(ValueError, match="max_minutes must be >= 0"):
+        TrainConfig(max_minutes=-1)
 
 
 def _names_by_mult(model, opt) -> dict[float, set[str]]:

@@ -90,6 +90,16 @@ class World:
         flat /= self.world_size
         _unflatten_into(flat, grads)
 
+    def from_main(self, value: float) -> float:
+        """Rank 0's `value` on every rank (a decision that must not differ between processes)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average logged scalars over ranks (every rank must pass the same keys)."""
         if self.world_size == 1 or not values:

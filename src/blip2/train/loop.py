@@ -32,7 +32,7 @@ from blip2.reward import CiderD, SentenceBleu, WeightedReward
 from blip2.text import caption_token_prior
 from blip2.train import checkpoint
 from blip2.train.distributed import World
-from blip2.train.optim import build_optimizer, lr_at
+from blip2.train.optim import build_optimizer, lr_at, plan_step, steps_within_cap
 from blip2.vision.transforms import load_rgb
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 COLLAPSED_QUERY_COS = 0.95
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _now() -> float:
+    """The training clock (seconds); tests replace it to give steps a known duration."""
+    return time.perf_counter()
 
 
 class MetricsLog:
@@ -335,6 +340,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     # fp16 needs loss scaling (its gradients underflow); bf16 has fp32's range and needs none
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
     start = 0
+    spent0 = 0.0  # training seconds before this process (a resumed run's earlier ones)
+    time_plan: dict[str, Any] | None = None  # train.max_minutes' decision, once made
     if ckpt is not None:
         model.load_trainable(ckpt.weights, source=str(ckpt.path))
         optimizer.load_state_dict(ckpt.optimizer)
@@ -342,6 +349,10 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         if "grad_scaler" in ckpt.state:
             scaler.load_state_dict(ckpt.state["grad_scaler"])
         start = ckpt.step
+        spent0 = float(ckpt.state.get("train_seconds", 0.0))
+        time_plan = ckpt.state.get("time_plan")
+        if time_plan is not None:  # the killed run's planned step count, not the recipe's
+            tc.steps = int(time_plan["planned_steps"])
         log.info("resumed from %s at step %d", ckpt.path, start)
     world.broadcast_(trainable)
     if stage == 2 and ckpt is None and world.is_main and recipe.stage2.init and check_init:
@@ -361,6 +372,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     window_clipped = 0
     warned_collapse = False
     step = start
+    t_start = _now()
+    t_first, first_step = 0.0, -1  # the end of this process's first step: later steps are timed from it
     while step < tc.steps:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
@@ -393,6 +406,18 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         step += 1
         window_n += tc.batch_size * tc.grad_accum
         bar.update(1)
+        now = _now()
+        if first_step < 0:
+            t_first, first_step = now, step
+        if tc.max_minutes and time_plan is None and step >= plan_step(tc) and step - first_step >= 3:
+            time_plan = _plan_time_cap(tc, world, step, spent0 + now - t_start, (now - t_first) / (step - first_step))
+            if time_plan["planned_steps"] < tc.steps:
+                tc.steps = time_plan["planned_steps"]
+                bar.total = tc.steps
+                bar.refresh()
+                recipe_dict = to_dict(recipe)  # checkpoints and the model record the planned count
+                if world.is_main:
+                    write_json(out / "recipe.json", recipe_dict)
         log_now = step % tc.log_every == 0 or step == tc.steps
         if log_now:  # every rank joins the average; only logged steps pay for it
             totals = world.mean(totals)
@@ -418,7 +443,10 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         if log_now:  # a new window starts on every rank
             window_t, window_n, window_gmax, window_clipped = time.perf_counter(), 0, None, 0
         if world.is_main and (step % tc.ckpt_every == 0 or step == tc.steps):
-            state = {"sampler": sampler.state(), "world_size": world.world_size}
+            state = {"sampler": sampler.state(), "world_size": world.world_size,
+                     "train_seconds": round(spent0 + _now() - t_start, 3)}
+            if time_plan is not None:
+                state["time_plan"] = time_plan
             if scaler.is_enabled():
                 state["grad_scaler"] = scaler.state_dict()
             checkpoint.save(out, step, recipe_dict, model.trainable_state_dict(), optimizer, state)
@@ -428,6 +456,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
                 metrics.close()
             return {"stopped_at": step}
     bar.close()
+    train_minutes = round((spent0 + _now() - t_start) / 60, 2)
     meta = {"stage": stage, "steps": tc.steps, "recipe": recipe_dict}
     if world.is_main:
         model.save(out / "model", meta)
@@ -437,11 +466,31 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     metrics.close()
     query_cos = _check_queries(model, pairs, device, f"the stage-{stage} model", warn=stage == 1)
     summary: dict[str, Any] = {"stage": stage, "steps": tc.steps, "data": data_stats, "model_dir": str(out / "model"),
-                               "machine": machine_info(device), "query_cos": query_cos}
+                               "machine": machine_info(device), "query_cos": query_cos,
+                               "train_minutes": train_minutes}
+    if time_plan is not None:
+        summary["time_cap"] = time_plan
     _plot_curves(out, stage, _run_name(recipe))
     summary.update(evaluate(recipe, model, progress))
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _plan_time_cap(tc: TrainConfig, world: World, step: int, spent_s: float, s_per_step: float
+                   ) -> dict[str, Any]:
+    """train.max_minutes' plan after `step` steps: how many steps fit (rank 0's measurement on every
+    rank, so that all processes stop together), logged when it cuts the recipe's count."""
+    planned = int(world.from_main(steps_within_cap(tc, step, spent_s, s_per_step)))
+    plan = {"max_minutes": tc.max_minutes, "recipe_steps": tc.steps, "planned_steps": planned,
+            "planned_at_step": step, "seconds_per_step": round(s_per_step, 4)}
+    if planned < tc.steps:
+        log.warning("train.max_minutes=%g: at %.2f s/step the recipe's %d steps would take %.0f min of training on "
+                    "this machine, so this run trains %d steps (the schedule as if train.steps=%d; "
+                    "--set train.max_minutes=0 trains them all)", tc.max_minutes, s_per_step, tc.steps,
+                    (spent_s + (tc.steps - step) * s_per_step) / 60, planned, planned)
+    else:
+        log.info("train.max_minutes=%g: the %d steps fit (%.2f s/step)", tc.max_minutes, tc.steps, s_per_step)
+    return plan
 
 
 def _warn_stage2_collapse(step: int, cos: float, tc: TrainConfig) -> None:

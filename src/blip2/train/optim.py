@@ -39,3 +39,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# The time cap (train.max_minutes) plans no earlier than this many steps in, so that its seconds per
+# step average over enough steps; a process's first step, with its one-off allocations, is not timed.
+PLAN_MIN_STEPS = 10
+
+
+def plan_step(cfg: TrainConfig) -> int:
+    """The step after which the time cap plans: the end of the warmup, and at least PLAN_MIN_STEPS.
+    Planning within the warmup leaves the schedule exactly that of a recipe with the planned count."""
+    return max(cfg.warmup_steps, PLAN_MIN_STEPS)
+
+
+def steps_within_cap(cfg: TrainConfig, step: int, spent_s: float, s_per_step: float) -> int:
+    """How many steps fit cfg.max_minutes of training: `step` done in `spent_s` seconds, the rest at
+    `s_per_step`. Never more than cfg.steps, never fewer than `step` (a cap already spent stops now)."""
+    left = cfg.max_minutes * 60 - spent_s
+    more = max(0, math.floor(left / s_per_step)) if s_per_step > 0 else cfg.steps
+    return max(step, min(cfg.steps, step + more))
