@@ -256,11 +256,12 @@ class TrainConfig:
     # Optimizer steps; each step sees batch_size * grad_accum pairs.
     steps: int = 1000
     # Wall-clock cap on the training steps in minutes (0 = none; feature caching, model loading and
-    # evaluation are outside it). At the end of the warmup (at least 10 steps in) the
-    # loop measures its seconds per step and, if `steps` would overrun, lowers `steps` to what fits;
-    # the cosine schedule then runs as if the recipe had said that count. So a recipe sized for a fast
-    # CPU keeps its budget on a slower one, training fewer steps there. The plan is saved in every
-    # checkpoint (a resumed run keeps it) and in summary.json ("time_cap").
+    # evaluation are outside it). From the end of the warmup (at least 10 steps in) the loop measures
+    # its seconds per step and, if `steps` would overrun, trains fewer: after every step it sets the
+    # count to what fits the rest of the cap (never above `steps`) and the cosine schedule follows it,
+    # ending at min_lr where the cap ends. So a recipe sized for a fast CPU keeps its budget on a
+    # slower one; where `steps` fit, nothing changes. The plan is saved in every checkpoint and in
+    # summary.json ("time_cap"); resumes are bit-identical only while the count does not change.
     max_minutes: float = 0.0
     # Global batch: with N processes (torchrun) each takes batch_size / N of it.
     batch_size: int = 32

@@ -152,31 +152,41 @@ def test_sigkill_at_a_random_step_resumes_bit_identical(scenes, tmp_path):
         assert full[k].equal(resumed[k]), f"{k}: {why}"
 
 
-def test_time_cap_trains_the_steps_that_fit_as_if_the_recipe_said_so(scenes, tmp_path, monkeypatch):
-    """train.max_minutes on a clock where every step takes 10 s: after the warmup's 10 steps (100 s)
-    a 3-minute cap leaves 80 s, i.e. 8 more steps. The run equals one configured with steps=18, and a
-    kill after the plan resumes to the same 18 steps."""
+def _ticking_clock(monkeypatch, seconds_per_step):
+    """The loop's clock advanced by seconds_per_step(step) at the start of every step (lr_at is
+    called once per step), so that the time cap sees known step times."""
     from blip2.train import loop
 
     clock = {"t": 0.0}
-    loop_lr_at = loop.lr_at
+    lr_at = loop.lr_at
 
-    def lr_at_ticking(step, cfg):  # called once at the start of every step
-        clock["t"] += 10.0
-        return loop_lr_at(step, cfg)
+    def lr_at_ticking(step, cfg):
+        clock["t"] += seconds_per_step(step)
+        return lr_at(step, cfg)
 
     monkeypatch.setattr(loop, "lr_at", lr_at_ticking)
     monkeypatch.setattr(loop, "_now", lambda: clock["t"])
+    return clock
+
+
+def test_time_cap_trains_the_steps_that_fit_as_if_the_recipe_said_so(scenes, tmp_path, monkeypatch):
+    """train.max_minutes when every step takes 10 s: after the warmup's 10 steps (100 s) a 3-minute
+    cap leaves 80 s, i.e. 8 more steps. The run equals one configured with steps=18, and a kill after
+    the plan resumes to the same 18 steps."""
+    clock = _ticking_clock(monkeypatch, lambda step: 10.0)
     base = [*_args(scenes), "train.warmup_steps=10", "train.ckpt_every=4", "eval.enabled=false", "train.threads=1"]
     capped = [*base, "train.steps=40", "train.max_minutes=3"]
 
     summary = train(load_recipe(_recipe_path(), capped), tmp_path / "cap", progress=False)
     assert summary["steps"] == 18
     assert summary["time_cap"] == {"max_minutes": 3.0, "recipe_steps": 40, "planned_steps": 18,
-                                   "planned_at_step": 10, "seconds_per_step": 10.0}
+                                   "seconds_per_step": 10.0, "first_plan": {"at_step": 10, "steps": 18}}
     assert summary["train_minutes"] == 3.0
     cfg = json.loads((tmp_path / "cap" / "model" / "config.json").read_text())
     assert cfg["meta"]["steps"] == 18 and cfg["meta"]["recipe"]["train"]["steps"] == 18
+    assert json.loads((tmp_path / "cap" / "recipe.json").read_text())["train"]["steps"] == 18
+    rows = [json.loads(x) for x in open(tmp_path / "cap" / "metrics.jsonl")]
+    assert [r.get("planned_steps") for r in rows] == [None] * 9 + [18] * 9
     capped_w = load_file(str(tmp_path / "cap" / "model" / "model.safetensors"))
 
     train(load_recipe(_recipe_path(), [*base, "train.steps=18"]), tmp_path / "fixed", progress=False)
@@ -194,10 +204,19 @@ def test_time_cap_trains_the_steps_that_fit_as_if_the_recipe_said_so(scenes, tmp
         assert capped_w[k].equal(fixed_w[k]), k
         assert resumed_w[k].equal(fixed_w[k]), k
 
-    clock["t"] = 0.0
-    roomy = train(load_recipe(_recipe_path(), [*base, "train.steps=12", "train.max_minutes=60"]),
-                  tmp_path / "roomy", progress=False)
-    assert roomy["steps"] == 12 and roomy["time_cap"]["planned_steps"] == 12
+
+@pytest.mark.parametrize("later, steps, seconds", [(20.0, 22, 290.0), (5.0, 40, 275.0)])
+def test_time_cap_follows_the_speed_and_never_exceeds_the_recipe(scenes, tmp_path, monkeypatch, later, steps,
+                                                                 seconds):
+    """Steps of 10 s, then from the 16th of `later` s, under a 5-minute cap on a 40-step recipe. The
+    first plan (at step 10) is 30 steps. Slower: 15 steps take 150 s and 7 more of 20 s fit the other
+    150 s, so the run stops after 22 (290 s). Faster: all 40 fit (150 + 25 x 5 = 275 s), no more."""
+    _ticking_clock(monkeypatch, lambda step: 10.0 if step < 15 else later)
+    recipe = load_recipe(_recipe_path(), [*_args(scenes), "train.warmup_steps=10", "train.steps=40",
+                                          "train.max_minutes=5", "train.ckpt_every=100", "eval.enabled=false"])
+    summary = train(recipe, tmp_path / "run", progress=False)
+    assert summary["time_cap"]["first_plan"] == {"at_step": 10, "steps": 30}
+    assert (summary["steps"], summary["train_minutes"]) == (steps, round(seconds / 60, 2))
 
 
 def test_logged_rows_carry_the_windows_largest_gradient_norm_and_clip_count(scenes, tmp_path):

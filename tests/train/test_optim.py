@@ -4,7 +4,7 @@ import pytest
 
 from blip2.config import Blip2Config, TrainConfig
 from blip2.model import Blip2
-from blip2.train.optim import PLAN_MIN_STEPS, build_optimizer, lr_at, plan_step, steps_within_cap
+from blip2.train.optim import PLAN_MIN_STEPS, build_optimizer, lr_at, plan_step, step_time, steps_within_cap
 from conftest import tiny_qformer
 
 
@@ -34,16 +34,22 @@ def test_warmup_then_cosine_to_floor():
 
 
 def test_time_cap_plans_the_steps_that_fit():
-    cfg = TrainConfig(steps=1000, warmup_steps=50, max_minutes=10)  # 600 s
-    # 50 steps took 100 s; at 2 s/step the other 500 s hold 250 more
-    assert steps_within_cap(cfg, 50, 100.0, 2.0) == 300
-    assert steps_within_cap(cfg, 50, 100.0, 2.01) == 298  # floor(500 / 2.01) = 248: never over the cap
-    assert steps_within_cap(cfg, 50, 100.0, 0.1) == 1000  # all fit: the recipe's count, not more
-    assert steps_within_cap(cfg, 50, 700.0, 2.0) == 50  # the cap is spent already: stop here
-    # planned at the end of the warmup, which lr_at's cosine has not started yet
-    assert plan_step(cfg) == 50 and plan_step(TrainConfig(warmup_steps=3)) == PLAN_MIN_STEPS
+    # 50 steps took 100 s; at 2 s/step the other 500 s of a 10-minute cap hold 250 more
+    assert steps_within_cap(10, 1000, 50, 100.0, 2.0) == 300
+    assert steps_within_cap(10, 1000, 50, 100.0, 2.01) == 298  # floor(500 / 2.01) = 248: never over the cap
+    assert steps_within_cap(10, 1000, 50, 100.0, 0.1) == 1000  # all fit: the recipe's count, not more
+    assert steps_within_cap(10, 1000, 50, 700.0, 2.0) == 50  # the cap is spent already: stop here
+    # planned from the end of the warmup, which lr_at's cosine has not started yet
+    assert plan_step(TrainConfig(warmup_steps=50)) == 50 and plan_step(TrainConfig(warmup_steps=3)) == PLAN_MIN_STEPS
     with pytest.raises(ValueError, match="max_minutes must be >= 0"):
         TrainConfig(max_minutes=-1)
+
+
+def test_step_time_is_the_latest_half_of_the_steps():
+    assert step_time([1.0, 2.0, 3.0]) is None  # too few to time
+    # five steps of 5 s, then five of 1 s: timed from the fifth end (25 s) to the last (30 s)
+    ends = [5.0 * i for i in range(1, 6)] + [25.0 + i for i in range(1, 6)]
+    assert step_time(ends) == pytest.approx(1.0)  # the whole-run mean would say 3.0
 
 
 def _names_by_mult(model, opt) -> dict[float, set[str]]:

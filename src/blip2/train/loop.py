@@ -32,7 +32,7 @@ from blip2.reward import CiderD, SentenceBleu, WeightedReward
 from blip2.text import caption_token_prior
 from blip2.train import checkpoint
 from blip2.train.distributed import World
-from blip2.train.optim import build_optimizer, lr_at, plan_step, steps_within_cap
+from blip2.train.optim import build_optimizer, lr_at, plan_step, step_time, steps_within_cap
 from blip2.vision.transforms import load_rgb
 
 log = logging.getLogger(__name__)
@@ -341,7 +341,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
     start = 0
     spent0 = 0.0  # training seconds before this process (a resumed run's earlier ones)
-    time_plan: dict[str, Any] | None = None  # train.max_minutes' decision, once made
+    time_plan: dict[str, Any] | None = None  # train.max_minutes' latest plan
+    recipe_steps = tc.steps  # the most the time cap may plan
     if ckpt is not None:
         model.load_trainable(ckpt.weights, source=str(ckpt.path))
         optimizer.load_state_dict(ckpt.optimizer)
@@ -352,7 +353,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         spent0 = float(ckpt.state.get("train_seconds", 0.0))
         time_plan = ckpt.state.get("time_plan")
         if time_plan is not None:  # the killed run's planned step count, not the recipe's
-            tc.steps = int(time_plan["planned_steps"])
+            recipe_steps, tc.steps = int(time_plan["recipe_steps"]), int(time_plan["planned_steps"])
         log.info("resumed from %s at step %d", ckpt.path, start)
     world.broadcast_(trainable)
     if stage == 2 and ckpt is None and world.is_main and recipe.stage2.init and check_init:
@@ -373,7 +374,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     warned_collapse = False
     step = start
     t_start = _now()
-    t_first, first_step = 0.0, -1  # the end of this process's first step: later steps are timed from it
+    ends: list[float] = []  # this process's step-end times, for the time cap's seconds per step
     while step < tc.steps:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
@@ -406,18 +407,14 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         step += 1
         window_n += tc.batch_size * tc.grad_accum
         bar.update(1)
-        now = _now()
-        if first_step < 0:
-            t_first, first_step = now, step
-        if tc.max_minutes and time_plan is None and step >= plan_step(tc) and step - first_step >= 3:
-            time_plan = _plan_time_cap(tc, world, step, spent0 + now - t_start, (now - t_first) / (step - first_step))
-            if time_plan["planned_steps"] < tc.steps:
+        ends.append(_now())
+        if tc.max_minutes and step >= plan_step(tc) and (rate := step_time(ends)) is not None:
+            time_plan = _plan_time_cap(tc, world, step, spent0 + ends[-1] - t_start, rate, recipe_steps, time_plan)
+            if time_plan["planned_steps"] != tc.steps:  # the schedule follows from this step on
                 tc.steps = time_plan["planned_steps"]
                 bar.total = tc.steps
                 bar.refresh()
                 recipe_dict = to_dict(recipe)  # checkpoints and the model record the planned count
-                if world.is_main:
-                    write_json(out / "recipe.json", recipe_dict)
         log_now = step % tc.log_every == 0 or step == tc.steps
         if log_now:  # every rank joins the average; only logged steps pay for it
             totals = world.mean(totals)
@@ -429,6 +426,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
                    "samples_per_s": round(window_n / elapsed, 2)}
             if tc.grad_clip > 0:
                 row["clipped_steps"] = int(window_clipped)
+            if time_plan is not None:
+                row["planned_steps"] = tc.steps
             if stage == 1:
                 row["temp"] = model.temp.item()
             if scaler.is_enabled():
@@ -447,6 +446,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
                      "train_seconds": round(spent0 + _now() - t_start, 3)}
             if time_plan is not None:
                 state["time_plan"] = time_plan
+                write_json(out / "recipe.json", recipe_dict)
             if scaler.is_enabled():
                 state["grad_scaler"] = scaler.state_dict()
             checkpoint.save(out, step, recipe_dict, model.trainable_state_dict(), optimizer, state)
@@ -476,21 +476,21 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     return summary
 
 
-def _plan_time_cap(tc: TrainConfig, world: World, step: int, spent_s: float, s_per_step: float
-                   ) -> dict[str, Any]:
-    """train.max_minutes' plan after `step` steps: how many steps fit (rank 0's measurement on every
-    rank, so that all processes stop together), logged when it cuts the recipe's count."""
-    planned = int(world.from_main(steps_within_cap(tc, step, spent_s, s_per_step)))
-    plan = {"max_minutes": tc.max_minutes, "recipe_steps": tc.steps, "planned_steps": planned,
-            "planned_at_step": step, "seconds_per_step": round(s_per_step, 4)}
-    if planned < tc.steps:
+def _plan_time_cap(tc: TrainConfig, world: World, step: int, spent_s: float, s_per_step: float, recipe_steps: int,
+                   previous: dict[str, Any] | None) -> dict[str, Any]:
+    """train.max_minutes' plan after `step` steps: how many of the recipe's steps fit (rank 0's
+    measurement on every rank, so that all processes stop together); the first plan is logged."""
+    planned = int(world.from_main(steps_within_cap(tc.max_minutes, recipe_steps, step, spent_s, s_per_step)))
+    first = previous["first_plan"] if previous else {"at_step": step, "steps": planned}
+    if previous is None and planned < recipe_steps:
         log.warning("train.max_minutes=%g: at %.2f s/step the recipe's %d steps would take %.0f min of training on "
-                    "this machine, so this run trains %d steps (the schedule as if train.steps=%d; "
-                    "--set train.max_minutes=0 trains them all)", tc.max_minutes, s_per_step, tc.steps,
-                    (spent_s + (tc.steps - step) * s_per_step) / 60, planned, planned)
-    else:
-        log.info("train.max_minutes=%g: the %d steps fit (%.2f s/step)", tc.max_minutes, tc.steps, s_per_step)
-    return plan
+                    "this machine, so the schedule now ends at step %d; the count follows the measured speed "
+                    "(--set train.max_minutes=0 trains them all)", tc.max_minutes, s_per_step, recipe_steps,
+                    (spent_s + (recipe_steps - step) * s_per_step) / 60, planned)
+    elif previous is None:
+        log.info("train.max_minutes=%g: the %d steps fit (%.2f s/step)", tc.max_minutes, recipe_steps, s_per_step)
+    return {"max_minutes": tc.max_minutes, "recipe_steps": recipe_steps, "planned_steps": planned,
+            "seconds_per_step": round(s_per_step, 4), "first_plan": first}
 
 
 def _warn_stage2_collapse(step: int, cos: float, tc: TrainConfig) -> None:
