@@ -41,7 +41,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-
 # The time cap (train.max_minutes) plans from this many steps in (or the warmup's end if later), so
 # that its seconds per step average over enough steps.
 PLAN_MIN_STEPS = 10
