@@ -45,6 +45,30 @@ def test_loss_matches_full_logits_cross_entropy(tiny_lm):
     assert torch.allclose(ours, ref, atol=1e-6)
 
 
+def test_continuation_after_a_shared_prefix_is_the_per_row_loss(tiny_lm):
+    """Scoring several targets after one run of each [soft | prompt] (SCST's samples, closed-set
+    options) gives each row's summed loss and its gradient, as one full sequence per row does;
+    prompts of different lengths (left-padded prefix) and rows out of input order included."""
+    torch.manual_seed(0)
+    soft = torch.randn(3, 4, tiny_lm.hidden_size, requires_grad=True)
+    prompts = [[3, 4], [], [9, 12, 13]]
+    owner = [2, 0, 0, 1, 2, 1]
+    targets = [[5, 6, 7], [8], [10, 11], [], [14, 15, 16, 17], [6]]
+    shared = tiny_lm.continuation_logprob(tiny_lm.prefix(soft, prompts), torch.tensor(owner), targets)  # (6,)
+    weights = torch.randn(len(owner))
+    (weights * shared).sum().backward()
+    ours = soft.grad.clone()
+    soft.grad = None
+    total = soft.new_zeros(())
+    for r, (i, t) in enumerate(zip(owner, targets, strict=True)):
+        nll, count = tiny_lm.loss_sum(soft[i:i + 1], [prompts[i]], [t])
+        assert count == len(t) + 1  # the target and its eos
+        assert shared[r].item() == pytest.approx(-nll.item(), abs=1e-4)
+        total = total - weights[r] * nll
+    total.backward()
+    assert (ours - soft.grad).abs().max() < 1e-5 * soft.grad.abs().max()  # float32 rounding only
+
+
 def test_llm_is_frozen_but_passes_gradient_to_the_soft_prompt(tiny_lm):
     tiny_lm.train()
     assert not tiny_lm.model.training

@@ -14,6 +14,7 @@ the soft prompt. Loading never runs remote code and never touches a network.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import inspect
@@ -279,13 +280,6 @@ class FrozenLM(nn.Module):
         total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         return total, int((labels != -100).sum())
 
-    def sequence_logprob(self, soft: torch.Tensor, prompts: list[list[int]], targets: list[list[int]]
-                         ) -> torch.Tensor:
-        """(B,) summed log-probability of each target (+ eos) after its soft prompt and prompt."""
-        logits, labels = self._target_logits(self.layout(soft, prompts, targets))
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
-        return -nll.sum(-1)
-
     def _target_logits(self, x: LMInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) at the positions that predict a label, and those labels (B, T; -100 = none)."""
         if self.is_encoder_decoder:
@@ -331,28 +325,94 @@ class FrozenLM(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
+    def prefix(self, soft: torch.Tensor, prompts: list[list[int]]) -> Prefix:
+        """Run [soft prompt | prompt] of B inputs once, keeping autograd (call under no_grad when
+        none is needed), so that several continuations of each are scored (`continuation_logprob`)
+        or decoded (`start`) without recomputing it. soft: (B, Q, H)."""
+        soft = soft.to(self.dtype)
+        if self.is_encoder_decoder:
+            embeds, mask = self._with_soft(soft, prompts, left_pad=False)
+            enc = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            return Prefix(mask, enc_hidden=enc)  # enc: (B, P, H)
+        # Decoder-only: left padding so the next token follows the last real position of every row.
+        embeds, mask = self._with_soft(soft, prompts, left_pad=True)
+        extra: dict[str, Any] = {"logits_to_keep": 1} if self._keeps_logits else {}
+        if self._takes_positions:
+            extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **extra)
+        return Prefix(mask, logits=out.logits[:, -1], past=out.past_key_values)  # logits: (B, V)
+
+    def continuation_logprob(self, prefix: Prefix, owner: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+        """(R,) summed log-probability of each target (+ eos) after the prefix of input owner[r].
+
+        The same quantity as the training loss summed over one row, with the prefix shared: SCST
+        scores 5 samples per image, closed-set ranking several options per question.
+        """
+        targets = [t + [self.eos_id] for t in targets]
+        r, n = len(targets), max(len(t) for t in targets)
+        labels = torch.full((r, n), -100, dtype=torch.long)
+        ids = torch.full((r, n), self.pad_id, dtype=torch.long)
+        for i, t in enumerate(targets):
+            labels[i, : len(t)] = torch.tensor(t)
+            ids[i, : len(t)] = torch.tensor(t)
+        device = prefix.mask.device
+        labels, ids, mask = labels.to(device), ids.to(device), prefix.mask[owner]  # mask: (R, P)
+        if self.is_encoder_decoder:
+            dec = torch.cat([torch.full((r, 1), self.start_id, device=device), ids[:, :-1]], dim=1)  # (R, n)
+            logits = self.model(encoder_outputs=(prefix.enc_hidden[owner],), attention_mask=mask,
+                                decoder_input_ids=dec, use_cache=False).logits  # (R, n, V)
+        else:
+            # Token j of a continuation is predicted at its position j - 1; token 0 at the prefix's last.
+            logits = prefix.logits[owner][:, None]  # (R, 1, V)
+            if n > 1:
+                past = _cache_rows(prefix.past, owner)
+                extra: dict[str, Any] = {}
+                if self._takes_positions:
+                    extra["position_ids"] = mask.sum(-1, keepdim=True) + torch.arange(n, device=device)
+                keep = torch.arange(n - 1, device=device)  # the last position predicts nothing
+                if self._keeps_logits:
+                    extra["logits_to_keep"] = keep
+                out = self.model(input_ids=ids, attention_mask=torch.cat([mask, (labels != -100).long()], dim=1),
+                                 past_key_values=past, use_cache=True, **extra)
+                rest = out.logits if self._keeps_logits else out.logits[:, keep]  # (R, n-1, V)
+                logits = torch.cat([logits, rest], dim=1)  # (R, n, V)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (R, n)
+        return -nll.sum(-1)
+
     def start(self, soft: torch.Tensor, prompts: list[list[int]]) -> DecodeState:
         """Run the visual prefix (+ prompt) once; returns the state holding the first next-token logits."""
-        soft = soft.to(self.dtype)
         with torch.no_grad():
+            p = self.prefix(soft, prompts)
             if self.is_encoder_decoder:
-                embeds, mask = self._with_soft(soft, prompts, left_pad=False)
-                enc = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-                state = DecodeState(self, mask, None, enc_hidden=enc)
+                state = DecodeState(self, p.mask, None, enc_hidden=p.enc_hidden)
                 first = torch.full((soft.shape[0],), self.start_id, dtype=torch.long, device=soft.device)
                 state.logits = state._decoder_step(first)
                 state.history = first[:, None]
                 return state
-            # Decoder-only: left padding so the next token follows the last real position of every row.
-            embeds, mask = self._with_soft(soft, prompts, left_pad=True)
-            extra: dict[str, Any] = {"logits_to_keep": 1} if self._keeps_logits else {}
-            if self._takes_positions:
-                extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **extra)
-            state = DecodeState(self, mask, out.past_key_values)
-            state.logits = out.logits[:, -1].float()
+            state = DecodeState(self, p.mask, p.past)
+            state.logits = p.logits.float()
             state.history = torch.zeros(soft.shape[0], 0, dtype=torch.long, device=soft.device)
             return state
+
+
+@dataclass
+class Prefix:
+    """[soft prompt | prompt] of B inputs, run once through the LLM (`FrozenLM.prefix`)."""
+
+    mask: torch.Tensor  # (B, P) 1 = real position; left-padded for decoder-only LMs
+    logits: torch.Tensor | None = None  # (B, V) decoder-only: next-token logits after the prefix
+    past: Any = None  # decoder-only: the transformers key/value cache of the prefix
+    enc_hidden: torch.Tensor | None = None  # (B, P, H) encoder-decoder: the encoder's output
+
+
+def _cache_rows(past: Any, rows: torch.Tensor) -> Any:
+    """A copy of a transformers key/value cache holding batch rows `rows` (R,), autograd intact,
+    the original untouched (one prefix serves several continuations). Each layer selects its own
+    state, so sliding-window layers keep the count of positions they have seen."""
+    picked = copy.copy(past)
+    picked.layers = [copy.copy(layer) for layer in past.layers]
+    picked.reorder_cache(rows)
+    return picked
 
 
 def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -42,11 +42,12 @@ def option_logprobs(model, soft: torch.Tensor, prompts: list[str], options: list
     `rank_options` for soft prompts that come from no single image (e.g. calibration baselines).
     """
     lm, cfg = model.llm, model.cfg.llm
-    p_ids = lm.encode_prompts(prompts)
+    prefix = lm.prefix(soft, lm.encode_prompts(prompts))  # each image and prompt once, for every option
+    every = torch.arange(soft.shape[0], device=soft.device)
     scores = torch.empty(soft.shape[0], len(options))
     for j, option in enumerate(options):
         t_ids = lm.encode_targets(prompts, [option] * len(prompts), cfg.max_text_len)
-        scores[:, j] = lm.sequence_logprob(soft, p_ids, t_ids).cpu()
+        scores[:, j] = lm.continuation_logprob(prefix, every, t_ids).cpu()
     return scores
 
 
