@@ -351,12 +351,11 @@ class FrozenLM(nn.Module):
         targets = [t + [self.eos_id] for t in targets]
         r, n = len(targets), max(len(t) for t in targets)
         labels = torch.full((r, n), -100, dtype=torch.long)
-        ids = torch.full((r, n), self.pad_id, dtype=torch.long)
         for i, t in enumerate(targets):
             labels[i, : len(t)] = torch.tensor(t)
-            ids[i, : len(t)] = torch.tensor(t)
         device = prefix.mask.device
-        labels, ids, mask = labels.to(device), ids.to(device), prefix.mask[owner]  # mask: (R, P)
+        labels, mask = labels.to(device), prefix.mask[owner]  # labels: (R, n); mask: (R, P)
+        ids = labels.masked_fill(labels == -100, self.pad_id)  # (R, n) right-padded continuations
         if self.is_encoder_decoder:
             dec = torch.cat([torch.full((r, 1), self.start_id, device=device), ids[:, :-1]], dim=1)  # (R, n)
             logits = self.model(encoder_outputs=(prefix.enc_hidden[owner],), attention_mask=mask,
