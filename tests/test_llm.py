@@ -1,5 +1,5 @@
 """The frozen-LLM bridge: training layouts by hand, loss vs an independent computation, frozen
-weights, the prefix-LM split, and a T5 that learns through the soft prompt."""
+weights, the prefix-LM split, a T5 that learns through the soft prompt, and the attention kernel."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blip2.config import LLMConfig
+from blip2.config import DecodeConfig, LLMConfig
+from blip2.generate import generate_ids
 from blip2.llm import FrozenLM, load_llm, packaged_llm_dir
 from blip2.losses import split_prefix
-from conftest import save_tiny_llm, tiny_lm_tokenizer, tiny_t5
+from conftest import save_tiny_llm, tiny_gemma3, tiny_llama, tiny_lm_tokenizer, tiny_opt, tiny_t5
 
 
 def test_decoder_only_layout_by_hand(tiny_lm):
@@ -67,6 +68,47 @@ def test_continuation_after_a_shared_prefix_is_the_per_row_loss(tiny_lm):
         total = total - weights[r] * nll
     total.backward()
     assert (ours - soft.grad).abs().max() < 1e-5 * soft.grad.abs().max()  # float32 rounding only
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt, tiny_gemma3, tiny_t5], ids=["llama", "opt", "gemma3", "t5"])
+def test_eager_attention_gives_what_sdpa_gives(make):
+    """llm.attn_implementation changes the kernel only: the training loss and its gradient into the
+    soft prompt (right-padded rows), the scores after a left-padded shared prefix, and greedy tokens."""
+    lms = {a: FrozenLM(make(), tiny_lm_tokenizer(), LLMConfig(max_prompt_len=8, max_text_len=8, attn_implementation=a))
+           for a in ("sdpa", "eager")}
+    assert [lm.model.config._attn_implementation for lm in lms.values()] == ["sdpa", "eager"]
+    torch.manual_seed(0)
+    soft0 = torch.randn(3, 4, lms["sdpa"].hidden_size)
+    prompts, targets = [[3, 4], [], [9, 12, 13]], [[5, 6, 7], [8], [10, 11]]
+    out = {}
+    for a, lm in lms.items():
+        soft = soft0.clone().requires_grad_(True)
+        loss = lm.loss(soft, prompts, targets)
+        loss.backward()
+        scores = lm.continuation_logprob(lm.prefix(soft0, prompts), torch.tensor([2, 0, 1, 0]), [[5], [6, 7], [], [8]])
+        greedy = generate_ids(lm, soft0, prompts, DecodeConfig(num_beams=1, max_new_tokens=6, min_new_tokens=6))
+        out[a] = (loss.detach(), soft.grad, scores.detach(), greedy)
+    (l_s, g_s, s_s, t_s), (l_e, g_e, s_e, t_e) = out["sdpa"], out["eager"]
+    assert torch.allclose(l_s, l_e, atol=1e-5)
+    assert (g_s - g_e).abs().max() < 1e-4 * g_s.abs().max()
+    assert torch.allclose(s_s, s_e, atol=1e-4)
+    assert t_s == t_e and all(len(t) == 6 for t in t_s)
+
+
+def test_load_llm_loads_the_configured_attention_kernel(tmp_path):
+    path = str(save_tiny_llm(tmp_path / "lm"))
+    assert load_llm(LLMConfig(path=path)).model.config._attn_implementation == "sdpa"  # auto: transformers' pick
+    assert load_llm(LLMConfig(path=path, attn_implementation="eager")).model.config._attn_implementation == "eager"
+
+
+def test_an_attention_implementation_the_model_cannot_switch_to_is_refused(monkeypatch):
+    """transformers only logs a warning when a model cannot switch kernels; we refuse instead."""
+    model = tiny_llama()
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    with pytest.raises(ValueError, match="attn_implementation=auto"):
+        FrozenLM(model, tiny_lm_tokenizer(), LLMConfig(attn_implementation="eager"))
+    with pytest.raises(ValueError, match="llm.attn_implementation"):
+        LLMConfig(attn_implementation="flash_attention_2")
 
 
 def test_llm_is_frozen_but_passes_gradient_to_the_soft_prompt(tiny_lm):

@@ -141,9 +141,14 @@ class LLMConfig:
     prompt_special_tokens: bool = False
     # Token ids generation never emits (the <image> placeholder of transformers-format checkpoints).
     suppress_token_ids: list[int] = field(default_factory=list)
+    # The LLM's attention implementation in transformers: "auto" = as transformers loads it (SDPA where
+    # the architecture has it), or "sdpa" / "eager". On a CPU bf16 SDPA's backward is slow, and "eager"
+    # trains stage 2 and SCST faster there (docs/RESULTS.md, "Eager attention for the frozen LLM").
+    attn_implementation: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("llm.precision", self.precision, ("fp32", "fp16", "bf16"))
+        _choice("llm.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager"))
         if self.max_prompt_len <= 0 or self.max_text_len <= 0:
             raise ValueError("llm.max_prompt_len and llm.max_text_len must be positive")
 

@@ -147,7 +147,9 @@ def load_llm(cfg: LLMConfig) -> FrozenLM:
 
         return FrozenLM(load_language_model(path, hf_cfg.text_config, DTYPES[cfg.precision]), tok, cfg)
     auto = AutoModelForSeq2SeqLM if hf_cfg.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(path, local_files_only=True, dtype=DTYPES[cfg.precision], trust_remote_code=False)
+    attn = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
+    model = auto.from_pretrained(path, local_files_only=True, dtype=DTYPES[cfg.precision], trust_remote_code=False,
+                                 **attn)
     return FrozenLM(model, tok, cfg)
 
 
@@ -170,6 +172,13 @@ class FrozenLM(nn.Module):
         self.model = model.to(DTYPES[self.cfg.precision])
         self.model.requires_grad_(False)
         self.model.eval()
+        if self.cfg.attn_implementation not in ("auto", self.model.config._attn_implementation):
+            self.model.set_attn_implementation(self.cfg.attn_implementation)
+            # transformers only warns for a model that cannot switch; a silent fallback is not allowed here
+            if self.model.config._attn_implementation != self.cfg.attn_implementation:
+                raise ValueError(f"{type(self.model).__name__} cannot run llm.attn_implementation="
+                                 f"{self.cfg.attn_implementation!r} (it runs "
+                                 f"{self.model.config._attn_implementation!r}); set llm.attn_implementation=auto")
         self.tokenizer = tokenizer
         hf = model.config
         self.is_encoder_decoder = bool(getattr(hf, "is_encoder_decoder", False))
