@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--amp", choices=["bf16", "none"], default="bf16")
-    ap.add_argument("--attn", default="", help="the LLM's attention implementation (default: as loaded, sdpa)")
+    ap.add_argument("--attn", default="", help="the LLM's attention implementation "
+                    "(default: the model's llm.attn_implementation)")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = Blip2.from_dir(args.model)
@@ -118,6 +119,7 @@ def main() -> None:
     print(json.dumps({"median_s": {n: round(statistics.median(t), 2) for n, t in times.items()},
                       "scoring_speedup": round(statistics.median(f / h for _, f, h in rows), 2),
                       "step_speedup": round(statistics.median((a + f) / (a + h) for a, f, h in rows), 2)}))
+
 
 if __name__ == "__main__":
     main()

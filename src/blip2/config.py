@@ -143,7 +143,8 @@ class LLMConfig:
     suppress_token_ids: list[int] = field(default_factory=list)
     # The LLM's attention implementation in transformers: "auto" = as transformers loads it (SDPA where
     # the architecture has it), or "sdpa" / "eager". On a CPU bf16 SDPA's backward is slow, and "eager"
-    # trains stage 2 and SCST faster there (docs/RESULTS.md, "Eager attention for the frozen LLM").
+    # trains stage 2 and SCST faster there (docs/RESULTS.md, "Eager attention and
+    # bf16 stage 1 in the capped recipe").
     attn_implementation: str = "auto"
 
     def __post_init__(self) -> None:

@@ -147,9 +147,7 @@ def load_llm(cfg: LLMConfig) -> FrozenLM:
 
         return FrozenLM(load_language_model(path, hf_cfg.text_config, DTYPES[cfg.precision]), tok, cfg)
     auto = AutoModelForSeq2SeqLM if hf_cfg.is_encoder_decoder else AutoModelForCausalLM
-    attn = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
-    model = auto.from_pretrained(path, local_files_only=True, dtype=DTYPES[cfg.precision], trust_remote_code=False,
-                                 **attn)
+    model = auto.from_pretrained(path, local_files_only=True, dtype=DTYPES[cfg.precision], trust_remote_code=False)
     return FrozenLM(model, tok, cfg)
 
 
@@ -172,6 +170,7 @@ class FrozenLM(nn.Module):
         self.model = model.to(DTYPES[self.cfg.precision])
         self.model.requires_grad_(False)
         self.model.eval()
+        # The one place the configured attention kernel is applied, whichever loader built the model.
         if self.cfg.attn_implementation not in ("auto", self.model.config._attn_implementation):
             self.model.set_attn_implementation(self.cfg.attn_implementation)
             # transformers only warns for a model that cannot switch; a silent fallback is not allowed here
