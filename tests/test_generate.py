@@ -270,3 +270,21 @@ def test_no_repeat_ngram_ban_equals_a_plain_loop(n):
                 if hist[i:i + n - 1] == tail:
                     expected[row, hist[i + n - 1]] = -float("inf")
         assert torch.equal(process_scores(scores, history, n_new=length, cfg=cfg, eos=6), expected)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3, 0.7])
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_scores_over_a_filled_buffer_equal_scores_over_the_history(n, penalty):
+    """The preallocated-buffer form (`filled`, a device step count) against the plain history: the
+    tokens past `filled` are garbage that must change nothing."""
+    gen = torch.Generator().manual_seed(17 * n + int(10 * penalty))
+    cfg = DecodeConfig(num_beams=1, no_repeat_ngram_size=n, repetition_penalty=penalty, min_new_tokens=3)
+    width = 8
+    for filled in range(width + 1):
+        buffer = torch.randint(0, 5, (6, width), generator=gen)  # 5 symbols: n-grams recur
+        scores = torch.randn(6, 7, generator=gen)
+        scores[0, 2] = -float("inf")  # a token already ruled out stays out
+        expected = process_scores(scores, buffer[:, :filled], n_new=filled, cfg=cfg, eos=6, suppress=[1])
+        got = process_scores(scores, buffer, n_new=torch.tensor(filled), cfg=cfg, eos=6,
+                             suppress=torch.tensor([1]), filled=torch.tensor(filled))
+        assert torch.equal(got, expected), filled

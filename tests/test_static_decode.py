@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from blip2.config import DecodeConfig, LLMConfig, from_dict
-from blip2.generate import generate_ids
+from blip2.generate import _BeamStep, generate_ids
 from blip2.llm import FrozenLM
 from blip2.static_decode import StaticDecodeState, use_static_cache
 from conftest import tiny_llama, tiny_lm_tokenizer, tiny_opt, tiny_t5
@@ -76,6 +76,41 @@ def test_buffers_are_reused_by_calls_of_the_same_shape(causal_lm):
     assert causal_lm.static_buffers == {key: [buf]}
     assert out == generate_ids(causal_lm, _on(causal_lm, 1), [[3], [4, 5, 6, 7], []],
                                dataclasses.replace(cfg, static_cache="off"))
+
+
+def test_the_beam_step_is_kept_with_its_buffers(causal_lm):
+    """The beam-search step (its graph on a GPU) is built once per buffer set and decoding config."""
+    cfg = DecodeConfig(num_beams=3, max_new_tokens=6, min_new_tokens=0, static_cache="on")
+    generate_ids(causal_lm, _on(causal_lm, 0), PROMPTS, cfg)
+    (_, [buf]), = causal_lm.static_buffers.items()
+    first = buf.beam
+    generate_ids(causal_lm, _on(causal_lm, 1), PROMPTS, cfg)
+    assert buf.beam is first
+    other = dataclasses.replace(cfg, length_penalty=0.5, no_repeat_ngram_size=2)
+    out = generate_ids(causal_lm, _on(causal_lm, 2), PROMPTS, other)
+    assert buf.beam is not first and buf.beam.cfg == other  # rebuilt: the step bakes the config in
+    assert out == generate_ids(causal_lm, _on(causal_lm, 2), PROMPTS, dataclasses.replace(other, static_cache="off"))
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s["num_beams"] > 1] +
+                         [dict(num_beams=2, max_new_tokens=5, min_new_tokens=1, repetition_penalty=0.8,
+                               no_repeat_ngram_size=1)], ids=lambda s: f"beams{s['num_beams']}")
+def test_the_beam_step_reads_nothing_back_to_the_host(setting):
+    """A step captured as a CUDA graph may not read a tensor's value on the host (`.item()`, `if
+    tensor`, boolean-mask indexing, data-dependent shapes): on meta tensors, which have shapes but
+    no values, every such read raises. So the search's bookkeeping runs on meta tensors here."""
+    lm = FrozenLM(tiny_llama(), tiny_lm_tokenizer(), LLMConfig(max_prompt_len=8, max_text_len=8))
+    cfg = DecodeConfig(**setting, static_cache="on")
+    state = lm.start(_soft(lm), PROMPTS)
+    state.expand(cfg.num_beams)
+    search = _BeamStep(StaticDecodeState(state, cfg.max_new_tokens), cfg, lm.eos_id, lm.pad_id)
+    for name, value in list(vars(search).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(search, name, value.to("meta"))
+    rows = search._search()
+    assert rows.device.type == "meta" and rows.shape == (len(PROMPTS) * cfg.num_beams,)
+    with pytest.raises(RuntimeError, match="meta"):  # the check can fail: a host read on meta raises
+        bool(search.done.any())
 
 
 def test_pool_keeps_the_most_recent_shapes(causal_lm):

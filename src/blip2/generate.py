@@ -22,7 +22,7 @@ import torch
 
 from blip2.config import DecodeConfig
 from blip2.llm import DecodeState, FrozenLM
-from blip2.static_decode import StaticDecodeState, use_static_cache
+from blip2.static_decode import StaticDecodeState, StepGraph, use_static_cache
 
 NEG = -1.0e9
 _MASK64 = (1 << 64) - 1
@@ -87,7 +87,9 @@ def generate_ensemble_ids(members: list[tuple[FrozenLM, torch.Tensor]], prompts:
             state = StaticDecodeState(state, cfg.max_new_tokens)
         states.append(state)
     run: AnyState = states[0] if len(states) == 1 else EnsembleState(states)
-    if cfg.num_beams > 1:
+    if cfg.num_beams > 1 and isinstance(run, StaticDecodeState):
+        out = _static_beam_search(run, cfg, lm.eos_id, lm.pad_id)
+    elif cfg.num_beams > 1:
         out = _beam_search(run, cfg, lm.eos_id, lm.pad_id)
     else:
         out = _greedy_or_sample(run, cfg, lm.eos_id, lm.pad_id, row_seeds)
@@ -139,28 +141,48 @@ def _strip(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
-def process_scores(scores: torch.Tensor, history: torch.Tensor, n_new: int, cfg: DecodeConfig,
-                   eos: int, suppress: list[int] | tuple[int, ...] = (), inplace: bool = False) -> torch.Tensor:
+def process_scores(scores: torch.Tensor, history: torch.Tensor, n_new: int | torch.Tensor, cfg: DecodeConfig,
+                   eos: int, suppress: list[int] | tuple[int, ...] | torch.Tensor = (), inplace: bool = False,
+                   filled: torch.Tensor | None = None) -> torch.Tensor:
     """Repetition penalty, no-repeat n-gram ban, minimum length and suppressed tokens on (N, V) scores
-    (`inplace` skips the copy when the caller owns `scores`: (N, V) is 31 MB at 160 rows of SmolLM2)."""
+    (`inplace` skips the copy when the caller owns `scores`: (N, V) is 31 MB at 160 rows of SmolLM2).
+
+    `filled` (a 0-d tensor) says only history[:, :filled] is real, and `n_new` may then be a tensor
+    too: the form a preallocated buffer and a step captured as one CUDA graph need. Every op has a
+    fixed shape and reads nothing back to the host (no boolean indexing, no `.item()`)."""
     scores = scores if inplace else scores.clone()
-    if suppress:
-        scores[:, list(suppress)] = -float("inf")
-    if cfg.repetition_penalty != 1.0 and history.shape[1]:
-        seen = scores.gather(1, history)
-        seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
-        scores.scatter_(1, history, seen)
+    if isinstance(suppress, torch.Tensor) or suppress:
+        index = suppress if isinstance(suppress, torch.Tensor) else torch.tensor(suppress, device=scores.device)
+        scores.index_fill_(1, index, -float("inf"))
+    width = history.shape[1]
+    cols = torch.arange(width, device=history.device)  # (W,)
+    penalty = cfg.repetition_penalty
+    if penalty != 1.0 and width:
+        seen = scores.gather(1, history)  # (N, W)
+        seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+        if filled is None:
+            scores.scatter_(1, history, seen)
+        else:  # positions past `filled` write nothing: min (or max) with +inf (-inf) keeps the score
+            lower = penalty > 1.0  # a penalty above 1 only ever lowers a score
+            inert = float("inf") if lower else -float("inf")
+            seen = torch.where(cols < filled, seen, inert)
+            scores.scatter_reduce_(1, history, seen, reduce="amin" if lower else "amax")
     n = cfg.no_repeat_ngram_size
-    if n and history.shape[1] >= n:
+    if n and width >= n:
         # Every earlier n-gram whose first n-1 tokens equal the last n-1 generated bans its last
         # token; tensor ops, not a Python loop over rows (~1.5 ms of host time at 160 rows, about one
         # replayed decode step of the tiny model on an H200).
-        grams = history.unfold(1, n, 1)  # (N, W, n) all n-grams so far
-        tail = history[:, history.shape[1] - n + 1:]  # (N, n-1), empty when n == 1
-        hit = (grams[:, :, : n - 1] == tail[:, None, :]).all(-1)  # (N, W)
-        rows = torch.arange(history.shape[0], device=history.device)[:, None].expand_as(hit)
-        scores[rows[hit], grams[:, :, -1][hit]] = -float("inf")
-    if n_new < cfg.min_new_tokens:
+        end = width if filled is None else filled
+        grams = history.unfold(1, n, 1)  # (N, W-n+1, n) all n-grams in the buffer
+        tail = history[:, (end - n + 1 + cols[: n - 1]).clamp(min=0)]  # (N, n-1) the last n-1 tokens
+        hit = (grams[:, :, : n - 1] == tail[:, None, :]).all(-1)  # (N, W-n+1)
+        if filled is not None:
+            hit &= cols[: grams.shape[1]] <= filled - n  # the n-gram lies inside the filled part
+        ban = torch.full_like(hit, float("inf"), dtype=scores.dtype).masked_fill_(hit, -float("inf"))
+        scores.scatter_reduce_(1, grams[:, :, -1], ban, reduce="amin")  # min(score, +inf) keeps it
+    if isinstance(n_new, torch.Tensor):
+        scores[:, eos] = scores[:, eos].masked_fill(n_new < cfg.min_new_tokens, -float("inf"))
+    elif n_new < cfg.min_new_tokens:
         scores[:, eos] = -float("inf")
     return scores
 
@@ -290,6 +312,149 @@ def _beam_search(state: AnyState, cfg: DecodeConfig, eos: int, pad: int) -> torc
         state.select((go[:, None] * k + src_beam).flatten())
         state.step(run_seqs[:, :, t].flatten())
     return result
+
+
+class _BeamStep:
+    """Beam search of B inputs x K beams over fixed buffers: one step is the search's bookkeeping
+    (scores, top-k, finished hypotheses) followed by the LM step over the preallocated cache, with
+    the step counter on the device, so that the whole step is one CUDA graph (`StepGraph`).
+
+    Semantics are `_beam_search`'s; what differs is that no input leaves the batch: a finished input
+    keeps its rows, which compute but whose hypotheses are frozen (as in transformers' generate).
+    The host asks one thing per step, whether every input is done, and on a GPU it reads the answer
+    of the step before, so the device never waits for the host."""
+
+    def __init__(self, state: StaticDecodeState, cfg: DecodeConfig, eos: int, pad: int):
+        buf = state.buf
+        n, dev = state.logits.shape[0], state.logits.device
+        k, steps = cfg.num_beams, cfg.max_new_tokens
+        b = n // k
+        self.buf, self.cfg, self.eos, self.pad, self.b, self.k, self.steps = buf, cfg, eos, pad, b, k, steps
+        self.key = (cfg, eos, pad)  # everything the graph bakes in besides the buffers' shapes
+        self.suppress = torch.tensor(list(state.lm.suppress), dtype=torch.long, device=dev)
+        # generated_length ** length_penalty for lengths 1..T, rounded as the host loop's Python floats
+        self.norms = torch.tensor([float(t + 1) ** cfg.length_penalty for t in range(steps)], device=dev)
+        self.top_k_mask = torch.arange(2 * k, device=dev) < k  # only the best k candidates may finish
+        self.t = torch.zeros((), dtype=torch.long, device=dev)  # tokens generated so far
+        self.prefix = torch.zeros((), dtype=torch.long, device=dev)  # cache positions before them
+        self.logits = torch.zeros(n, state.logits.shape[1], device=dev)  # (N, V) next-token logits
+        self.run_scores = torch.zeros(b, k, device=dev)
+        self.run_seqs = torch.zeros(b, k, steps, dtype=torch.long, device=dev)  # (B, K, T) running beams
+        self.fin_seqs = torch.zeros_like(self.run_seqs)  # (B, K, T) finished hypotheses, best first
+        self.fin_scores = torch.zeros(b, k, device=dev)
+        self.fin_flag = torch.zeros(b, k, dtype=torch.bool, device=dev)
+        self.done = torch.zeros(b, dtype=torch.bool, device=dev)  # (B,) no running beam can win any more
+        self.all_done = torch.zeros((), dtype=torch.bool, device=dev)
+        changed = [self.t, self.logits, self.run_scores, self.run_seqs, self.fin_seqs, self.fin_scores,
+                   self.fin_flag, self.done, buf.keys, buf.values, buf.mask, *buf.positions()]
+        self.graph = StepGraph(self._step, changed, buf.graphs, dev)
+
+    def load(self, state: StaticDecodeState) -> None:
+        """Start a search from `state` (prefix cached, first logits computed, beams expanded)."""
+        self.t.zero_()
+        self.prefix.fill_(state.t)
+        self.logits.copy_(state.logits)
+        self.run_scores.fill_(NEG)
+        self.run_scores[:, 0] = 0.0  # all beams start identical: expand only the first
+        self.run_seqs.fill_(self.pad)
+        self.fin_seqs.fill_(self.pad)
+        self.fin_scores.fill_(NEG)
+        self.fin_flag.zero_()
+        self.done.zero_()
+        self.all_done.zero_()
+
+    def _step(self) -> None:
+        self._feed(self._search())
+
+    def _search(self) -> torch.Tensor:
+        """The search's bookkeeping for token t; returns the cache row each kept beam continues (N,)."""
+        b, k, steps, t = self.b, self.k, self.steps, self.t
+        history = self.run_seqs.view(b * k, steps)  # (N, T) generated tokens, the first t real
+        logp = process_scores(self.logits.log_softmax(-1), history, t, self.cfg, self.eos, self.suppress,
+                              inplace=True, filled=t)  # (N, V)
+        vocab = logp.shape[-1]
+        total = logp.view(b, k, vocab).add_(self.run_scores[:, :, None]).view(b, k * vocab)
+        cand_scores, cand_idx = total.topk(2 * k, dim=-1)  # (B, 2K)
+        cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
+        cand_seqs = _take(self.run_seqs, cand_beam)  # (B, 2K, T)
+        cand_seqs.scatter_(2, t.expand(b, 2 * k, 1), cand_tok[:, :, None])  # token t of every candidate
+        last = t + 1 >= steps  # 0-d
+        hits = (cand_tok == self.eos) | last  # (B, 2K) stopping criteria
+
+        # Beams that continue: the best k candidates that did not stop.
+        going = cand_scores + hits.float() * NEG
+        keep = going.topk(k, dim=-1).indices  # (B, K)
+        run_seqs = _take(cand_seqs, keep)
+        run_scores = going.gather(1, keep)
+        src_beam = cand_beam.gather(1, keep)  # (B, K)
+
+        # Hypotheses that finish now, merged with the earlier ones; frozen once the input is done.
+        norm = self.norms.gather(0, t.view(1))  # (1,) (indexing with a 0-d tensor would read it to the host)
+        just = hits & self.top_k_mask[None, :]
+        pool = torch.cat([self.fin_scores, cand_scores / norm + (~just).float() * NEG], dim=1)  # (B, 3K)
+        merged = pool.topk(k, dim=-1).indices
+        frozen = self.done[:, None]  # (B, 1)
+        fin_seqs = _take(torch.cat([self.fin_seqs, cand_seqs], dim=1), merged)
+        self.fin_seqs.copy_(torch.where(frozen[:, :, None], self.fin_seqs, fin_seqs))
+        self.fin_scores.copy_(torch.where(frozen, self.fin_scores, pool.gather(1, merged)))
+        fin_flag = torch.cat([self.fin_flag, just], dim=1).gather(1, merged)
+        self.fin_flag.copy_(torch.where(frozen, self.fin_flag, fin_flag))
+
+        # Can a running beam still beat the worst finished one (at its current length)?
+        best_possible = run_scores[:, 0] / norm
+        worst = torch.where(self.fin_flag, self.fin_scores.min(dim=1, keepdim=True).values,
+                            torch.full_like(self.fin_scores, NEG))
+        improvable = (best_possible[:, None] > worst).any(dim=-1)  # (B,)
+        self.done |= ~improvable | last
+        self.all_done.copy_(self.done.all())
+        self.run_seqs.copy_(run_seqs)
+        self.run_scores.copy_(run_scores)
+        return (torch.arange(b, device=t.device)[:, None] * k + src_beam).flatten()
+
+    def _feed(self, rows: torch.Tensor) -> None:
+        """The LM step: reorder the cache to the kept beams' rows (N,) (within each input, whose mask
+        rows are equal, so the mask needs no reorder), then feed token t of every beam."""
+        b, k, t, buf = self.b, self.k, self.t, self.buf
+        buf.keys.copy_(buf.keys.index_select(1, rows))
+        buf.values.copy_(buf.values.index_select(1, rows))
+        buf.tokens.copy_(self.run_seqs.gather(2, t.expand(b, k, 1)).view(b * k, 1))
+        buf.mask.scatter_(1, (self.prefix + t).expand(b * k, 1), 1)
+        buf.forward()
+        self.logits.copy_(buf.out)
+        self.t.add_(1)
+
+
+def _static_beam_search(state: StaticDecodeState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
+    """`_beam_search` over a `StaticDecodeState`, each step one `_BeamStep` (a CUDA graph on a GPU);
+    returns the best finished hypothesis per input (B, T), padded with `pad`."""
+    if state.history.shape[1]:
+        raise ValueError("the static beam search starts from a fresh decoder-only state (no tokens fed yet)")
+    buf = state.buf
+    search = buf.beam
+    if search is None or search.key != (cfg, eos, pad):  # the buffers' shape is already the pool's key
+        search = buf.beam = _BeamStep(state, cfg, eos, pad)
+    search.load(state)
+    cuda = state.logits.device.type == "cuda"
+    if not cuda:
+        for _ in range(cfg.max_new_tokens):
+            search.graph()
+            if search.all_done:
+                break
+        return search.fin_seqs[:, 0].clone()
+    # On a GPU each step's `all_done` is copied to pinned host memory behind the step, and the host
+    # waits only for the previous step's copy, so the next step is already queued meanwhile.
+    with torch.cuda.device(state.logits.device):  # events on the model's GPU, which need not be the current one
+        flags = torch.zeros(2, dtype=torch.bool, pin_memory=True)
+        copied = [torch.cuda.Event(), torch.cuda.Event()]
+        for t in range(cfg.max_new_tokens):
+            search.graph()
+            flags[t % 2].copy_(search.all_done, non_blocking=True)
+            copied[t % 2].record()
+            if t:
+                copied[(t - 1) % 2].synchronize()
+                if flags[(t - 1) % 2]:
+                    break  # done a step ago: the step queued since froze every hypothesis it could change
+    return search.fin_seqs[:, 0].clone()
 
 
 def _take(seqs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,11 @@ What that takes:
     helpers may ask the host whether a mask can be skipped, which a capture forbids);
   * the number of rows is fixed: an input that has finished keeps its rows, which compute but are
     never read (transformers' generate does the same). On a GPU those rows are nearly free; on a
-    CPU they are not, so there the static path runs eagerly and is meant for testing.
+    CPU they are not, so there the static path runs eagerly and is meant for testing;
+  * beam search runs as one graph per step, its bookkeeping included (`blip2.generate._BeamStep`:
+    the step counter lives on the device, finished inputs freeze their hypotheses instead of
+    leaving the batch, and the host reads one flag per step, a step late). Greedy search and
+    ensembles replay the LM step alone and keep their bookkeeping on the host.
 
 Capturing costs about three eager steps, so the buffers and their graph are kept on the FrozenLM,
 keyed by (rows, cache length), and reused by the next call of the same shape: an evaluation loop
@@ -27,6 +31,9 @@ a longer, masked key range (tests/test_static_decode.py checks token equality on
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -80,12 +87,17 @@ class _Buffers:
         self.mask = torch.zeros(n, length, dtype=torch.long, device=device)  # (N, L) 1 = real position
         self.tokens = torch.zeros(n, 1, dtype=torch.long, device=device)  # (N, 1) step input
         self.out: torch.Tensor  # (N, V) logits of the last step (a static buffer once graphed)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.step: StepGraph | None = None  # one LM step (`forward`), graphed on CUDA
+        self.beam: Any = None  # a whole beam-search step over these buffers (blip2.generate), graphed on CUDA
 
     def rewind(self, t: int) -> None:
-        """Set every layer's write position to t (warm-up runs advance it)."""
+        """Set every layer's write position to t."""
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(t)
+
+    def positions(self) -> list[torch.Tensor]:
+        """The layers' write positions (0-d tensors on the device), which every step advances."""
+        return [layer.cumulative_length for layer in self.cache.layers]
 
     def forward(self) -> None:
         """One step over all N rows: reads tokens, mask and the cache; writes `out` and the cache."""
@@ -99,23 +111,44 @@ class _Buffers:
                             past_key_values=self.cache, use_cache=True)
         self.out = out.logits[:, -1].float()
 
-    def run(self, t: int) -> None:
-        """The step at cache position t: eagerly, or by replaying the graph (captured on first use)."""
+    def run(self) -> None:
+        """The step at the cache's current write position: eagerly, or by replaying its graph."""
+        if self.step is None:
+            self.step = StepGraph(self.forward, self.positions(), self.graphs, self.device)
+        self.step()
+
+
+class StepGraph:
+    """`fn`, a step that touches only tensors at fixed addresses, run eagerly or (graphs) captured
+    once as a CUDA graph on first use and replayed after that.
+
+    A capture is preceded by two warm-up runs, as torch asks; they change real buffers, so `restore`
+    (the tensors that a step changes and that the first real step reads) is copied before them and put
+    back after. A step that writes a tensor before it reads it need not list it."""
+
+    def __init__(self, fn: Callable[[], None], restore: list[torch.Tensor], graphs: bool, device: torch.device):
+        self.fn, self.restore, self.device = fn, restore, device
+        self.graphs = graphs
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self) -> None:
         if not self.graphs:
-            self.forward()
+            self.fn()
             return
         with torch.cuda.device(self.device):  # the model's GPU, which need not be the current one
             if self.graph is None:
+                saved = [x.clone() for x in self.restore]
                 side = torch.cuda.Stream()  # warm up on a side stream, as torch asks before a capture
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     for _ in range(2):
-                        self.forward()
-                        self.rewind(t)  # the warm-up wrote position t, which the real step overwrites
+                        self.fn()
+                        for x, y in zip(self.restore, saved, strict=True):
+                            x.copy_(y)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    self.forward()  # recorded, not run
+                    self.fn()  # recorded, not run
                 self.graph = graph
             self.graph.replay()
 
@@ -162,7 +195,7 @@ class StaticDecodeState:
         live, buf = tokens.shape[0], self.buf
         buf.mask[:, self.t] = 1
         buf.tokens[:live, 0] = tokens
-        buf.run(self.t)
+        buf.run()
         self.t += 1
         self.logits = buf.out[:live].clone()  # a replay overwrites `out`
         self.history = torch.cat([self.history, tokens[:, None]], dim=1)
