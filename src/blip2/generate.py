@@ -17,6 +17,7 @@ of processes.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -252,6 +253,56 @@ def _greedy_or_sample(state: AnyState, cfg: DecodeConfig, eos: int, pad: int,
     return out
 
 
+class _Step(NamedTuple):
+    """One beam-search step's result for B inputs x K beams."""
+
+    run_seqs: torch.Tensor  # (B, K, T) the beams that go on
+    run_scores: torch.Tensor  # (B, K) their summed log-probabilities
+    src_beam: torch.Tensor  # (B, K) the beam each of them continues
+    fin_seqs: torch.Tensor  # (B, K, T) finished hypotheses, best first
+    fin_scores: torch.Tensor  # (B, K) their length-normalised scores
+    fin_flag: torch.Tensor  # (B, K) which of them are real
+    improvable: torch.Tensor  # (B,) whether a running beam can still beat the worst finished one
+
+
+def _beam_step(logp: torch.Tensor, run_scores: torch.Tensor, run_seqs: torch.Tensor, fin_seqs: torch.Tensor,
+               fin_scores: torch.Tensor, fin_flag: torch.Tensor, t: int | torch.Tensor, eos: int,
+               norm: float | torch.Tensor, last: bool | torch.Tensor, top_k_mask: torch.Tensor) -> _Step:
+    """The bookkeeping of beam search for token t (transformers' semantics), shared by the host loop
+    (`t`, `norm` and `last` Python values) and the graphed step (0-d / (1,) tensors on the device).
+    `logp` (B*K, V) are the processed log-probabilities (changed in place); `norm` is
+    (t + 1) ** length_penalty, `last` whether t is the final token."""
+    b, k = run_scores.shape
+    vocab = logp.shape[-1]
+    total = logp.view(b, k, vocab).add_(run_scores[:, :, None]).view(b, k * vocab)
+    cand_scores, cand_idx = total.topk(2 * k, dim=-1)  # (B, 2K)
+    cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
+    cand_seqs = _take(run_seqs, cand_beam)  # (B, 2K, T), a new tensor (gather)
+    if isinstance(t, torch.Tensor):  # token t of every candidate, t on the device
+        cand_seqs.scatter_(2, t.expand(b, 2 * k, 1), cand_tok[:, :, None])
+    else:
+        cand_seqs[:, :, t] = cand_tok
+    hits = (cand_tok == eos) | last  # (B, 2K) stopping criteria
+
+    # Beams that continue: the best k candidates that did not stop.
+    going = cand_scores + hits.float() * NEG  # (B, 2K) stopped candidates pushed out
+    keep = going.topk(k, dim=-1).indices  # (B, K)
+    run_scores = going.gather(1, keep)
+
+    # Hypotheses that finish now, length-normalised, merged with the ones finished before.
+    just = hits & top_k_mask[None, :]
+    pool = torch.cat([fin_scores, cand_scores / norm + (~just).float() * NEG], dim=1)  # (B, 3K)
+    merged = pool.topk(k, dim=-1).indices  # (B, K) into 3K
+    fin_scores = pool.gather(1, merged)
+    fin_flag = torch.cat([fin_flag, just], dim=1).gather(1, merged)
+
+    # Can a running beam still beat the worst finished one (at its current length)?
+    worst = torch.where(fin_flag, fin_scores.min(dim=1, keepdim=True).values, torch.full_like(fin_scores, NEG))
+    improvable = (run_scores[:, :1] / norm > worst).any(dim=-1)  # (B,)
+    return _Step(_take(cand_seqs, keep), run_scores, cand_beam.gather(1, keep),
+                 _take(torch.cat([fin_seqs, cand_seqs], dim=1), merged), fin_scores, fin_flag, improvable)
+
+
 def _beam_search(state: AnyState, cfg: DecodeConfig, eos: int, pad: int) -> torch.Tensor:
     """Beam search (transformers' semantics) over a state already expanded to B * num_beams rows;
     returns the best finished hypothesis per input (B, T),
@@ -273,34 +324,9 @@ def _beam_search(state: AnyState, cfg: DecodeConfig, eos: int, pad: int) -> torc
         n = active.shape[0]
         logp = process_scores(state.logits.log_softmax(-1), state.history, state.history.shape[1] - start_len,
                               cfg, eos, state.lm.suppress, inplace=True)  # (N*K, V)
-        vocab = logp.shape[-1]
-        total = logp.view(n, k, vocab).add_(run_scores[:, :, None]).view(n, k * vocab)  # in place: logp is ours
-        cand_scores, cand_idx = total.topk(2 * k, dim=-1)  # (N, 2K)
-        cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
-        cand_seqs = _take(run_seqs, cand_beam)  # (N, 2K, T), a new tensor (gather)
-        cand_seqs[:, :, t] = cand_tok
-        hits = (cand_tok == eos) | (t + 1 >= cfg.max_new_tokens)  # (N, 2K) stopping criteria
-
-        # Beams that continue: the best k candidates that did not stop.
-        going = cand_scores + hits.float() * NEG  # (N, 2K) stopped candidates pushed out
-        keep = going.topk(k, dim=-1).indices  # (N, K)
-        run_seqs = _take(cand_seqs, keep)
-        run_scores = going.gather(1, keep)
-        src_beam = cand_beam.gather(1, keep)  # (N, K) beam each continuing candidate came from
-
-        # Hypotheses that finish now, length-normalised, merged with the ones finished before.
-        just = hits & top_k_mask[None, :]
-        norm = cand_scores / float(t + 1) ** lp + (~just).float() * NEG
-        pool = torch.cat([fin_scores, norm], dim=1)  # (N, 3K)
-        merged = pool.topk(k, dim=-1).indices  # (N, K) into 3K
-        fin_seqs = _take(torch.cat([fin_seqs, cand_seqs], dim=1), merged)
-        fin_scores = pool.gather(1, merged)
-        fin_flag = torch.cat([fin_flag, just], dim=1).gather(1, merged)
-
-        # Can a running beam still beat the worst finished one (at its current length)?
-        best_possible = run_scores[:, 0] / float(t + 1) ** lp
-        worst = torch.where(fin_flag, fin_scores.min(dim=1, keepdim=True).values, torch.full_like(fin_scores, NEG))
-        improvable = (best_possible[:, None] > worst).any(dim=-1)  # (N,)
+        step = _beam_step(logp, run_scores, run_seqs, fin_seqs, fin_scores, fin_flag, t, eos,
+                          float(t + 1) ** lp, t + 1 >= cfg.max_new_tokens, top_k_mask)
+        run_seqs, run_scores, src_beam, fin_seqs, fin_scores, fin_flag, improvable = step
         go = improvable.nonzero().squeeze(1)  # (N',) inputs that keep decoding (one host sync)
         if go.shape[0] == 0 or t == cfg.max_new_tokens - 1:
             result[active] = fin_seqs[:, 0]
@@ -372,44 +398,19 @@ class _BeamStep:
         history = self.run_seqs.view(b * k, steps)  # (N, T) generated tokens, the first t real
         logp = process_scores(self.logits.log_softmax(-1), history, t, self.cfg, self.eos, self.suppress,
                               inplace=True, filled=t)  # (N, V)
-        vocab = logp.shape[-1]
-        total = logp.view(b, k, vocab).add_(self.run_scores[:, :, None]).view(b, k * vocab)
-        cand_scores, cand_idx = total.topk(2 * k, dim=-1)  # (B, 2K)
-        cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
-        cand_seqs = _take(self.run_seqs, cand_beam)  # (B, 2K, T)
-        cand_seqs.scatter_(2, t.expand(b, 2 * k, 1), cand_tok[:, :, None])  # token t of every candidate
         last = t + 1 >= steps  # 0-d
-        hits = (cand_tok == self.eos) | last  # (B, 2K) stopping criteria
-
-        # Beams that continue: the best k candidates that did not stop.
-        going = cand_scores + hits.float() * NEG
-        keep = going.topk(k, dim=-1).indices  # (B, K)
-        run_seqs = _take(cand_seqs, keep)
-        run_scores = going.gather(1, keep)
-        src_beam = cand_beam.gather(1, keep)  # (B, K)
-
-        # Hypotheses that finish now, merged with the earlier ones; frozen once the input is done.
         norm = self.norms.gather(0, t.view(1))  # (1,) (indexing with a 0-d tensor would read it to the host)
-        just = hits & self.top_k_mask[None, :]
-        pool = torch.cat([self.fin_scores, cand_scores / norm + (~just).float() * NEG], dim=1)  # (B, 3K)
-        merged = pool.topk(k, dim=-1).indices
-        frozen = self.done[:, None]  # (B, 1)
-        fin_seqs = _take(torch.cat([self.fin_seqs, cand_seqs], dim=1), merged)
-        self.fin_seqs.copy_(torch.where(frozen[:, :, None], self.fin_seqs, fin_seqs))
-        self.fin_scores.copy_(torch.where(frozen, self.fin_scores, pool.gather(1, merged)))
-        fin_flag = torch.cat([self.fin_flag, just], dim=1).gather(1, merged)
-        self.fin_flag.copy_(torch.where(frozen, self.fin_flag, fin_flag))
-
-        # Can a running beam still beat the worst finished one (at its current length)?
-        best_possible = run_scores[:, 0] / norm
-        worst = torch.where(self.fin_flag, self.fin_scores.min(dim=1, keepdim=True).values,
-                            torch.full_like(self.fin_scores, NEG))
-        improvable = (best_possible[:, None] > worst).any(dim=-1)  # (B,)
-        self.done |= ~improvable | last
+        step = _beam_step(logp, self.run_scores, self.run_seqs, self.fin_seqs, self.fin_scores, self.fin_flag,
+                          t, self.eos, norm, last, self.top_k_mask)
+        frozen = self.done[:, None]  # (B, 1) a done input keeps its finished hypotheses
+        self.fin_seqs.copy_(torch.where(frozen[:, :, None], self.fin_seqs, step.fin_seqs))
+        self.fin_scores.copy_(torch.where(frozen, self.fin_scores, step.fin_scores))
+        self.fin_flag.copy_(torch.where(frozen, self.fin_flag, step.fin_flag))
+        self.done |= ~step.improvable | last
         self.all_done.copy_(self.done.all())
-        self.run_seqs.copy_(run_seqs)
-        self.run_scores.copy_(run_scores)
-        return (torch.arange(b, device=t.device)[:, None] * k + src_beam).flatten()
+        self.run_seqs.copy_(step.run_seqs)
+        self.run_scores.copy_(step.run_scores)
+        return (torch.arange(b, device=t.device)[:, None] * k + step.src_beam).flatten()
 
     def _feed(self, rows: torch.Tensor) -> None:
         """The LM step: reorder the cache to the kept beams' rows (N,) (within each input, whose mask
