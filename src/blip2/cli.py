@@ -81,10 +81,12 @@ def cmd_train_pipeline(args: argparse.Namespace) -> int:
 
 def _load(path: str, device: str = "cpu", precision: str | None = None):
     """A model directory (ours or transformers BLIP-2) on `device`, in eval mode."""
-    from blip2.model import Blip2, resolve_device, warn_slow_half
+    from blip2.model import Blip2, auto_half, resolve_device, warn_slow_half
 
-    model = Blip2.from_dir(path, precision=precision)
     dev = resolve_device(device)
+    if precision == "auto":
+        precision = auto_half(dev) or "fp32"
+    model = Blip2.from_dir(path, precision=precision)
     warn_slow_half(dev, model.cfg.frozen_precisions)
     return model.to(dev).eval()
 
@@ -244,9 +246,10 @@ def _ensemble_arg(p: argparse.ArgumentParser) -> None:
 
 def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (cuda when available)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "auto"), default=None,
                    help="precision of the frozen image encoder and LLM (default: as saved; fp16/bf16 halve "
-                        "their memory on a GPU, the Q-Former stays fp32)")
+                        "their memory on a GPU, the Q-Former stays fp32; auto: bf16 where the device computes "
+                        "it natively, fp16 on a GPU without bf16, fp32 otherwise)")
 
 
 def _data_args(p: argparse.ArgumentParser, data_help: str) -> None:

@@ -39,13 +39,14 @@ class VisionConfig:
     # Square input resolution in pixels.
     image_size: int = 224
     # Compute precision of the frozen encoder: fp32, fp16 or bf16 (bf16 on a CPU only with native
-    # bf16, e.g. AVX512-BF16 or AMX; elsewhere fp32).
+    # bf16, e.g. AVX512-BF16 or AMX; elsewhere fp32), or "auto": training picks bf16 where the device
+    # computes it natively, fp16 on a GPU without bf16, fp32 otherwise, and saves its choice.
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _choice("vision.name", self.name, ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "hf"))
         _choice("vision.feature_map", self.feature_map, ("head", "stage6"))
-        _choice("vision.precision", self.precision, ("fp32", "fp16", "bf16"))
+        _choice("vision.precision", self.precision, ("fp32", "fp16", "bf16", "auto"))
         if self.name == "hf" and self.path == PACKAGED:
             raise ValueError("vision.name=hf needs vision.path=<local transformers model directory>")
         if self.drop_last_layers < 0:
@@ -131,7 +132,8 @@ class LLMConfig:
     # safetensors copy), or a local transformers directory holding a causal or seq2seq LM.
     path: str = PACKAGED
     # Compute precision of the frozen LLM: fp32, fp16 or bf16 (bf16 on a CPU only with native bf16,
-    # e.g. AVX512-BF16 or AMX: there it trains stage 2 1.3x faster; elsewhere fp32).
+    # e.g. AVX512-BF16 or AMX: there it trains stage 2 1.3x faster; elsewhere fp32), or "auto" (as for
+    # vision.precision: training resolves it for its device and saves the result).
     precision: str = "fp32"
     # Longest prompt and target (caption / answer) in LLM tokens; longer ones are truncated.
     max_prompt_len: int = 32
@@ -148,7 +150,7 @@ class LLMConfig:
     attn_implementation: str = "auto"
 
     def __post_init__(self) -> None:
-        _choice("llm.precision", self.precision, ("fp32", "fp16", "bf16"))
+        _choice("llm.precision", self.precision, ("fp32", "fp16", "bf16", "auto"))
         _choice("llm.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager"))
         if self.max_prompt_len <= 0 or self.max_text_len <= 0:
             raise ValueError("llm.max_prompt_len and llm.max_text_len must be positive")
@@ -318,13 +320,15 @@ class TrainConfig:
     device: str = "cpu"
     # Mixed precision for the trained parts: "none" (fp32), "bf16" (autocast; the usual choice on
     # GPUs since Ampere, and on CPUs with native bf16, where stage 1 runs 1.6x faster) or "fp16"
-    # (autocast + dynamic loss scaling, for GPUs without bf16). Weights,
-    # gradients and optimizer state stay fp32; the frozen parts keep their own `precision`.
+    # (autocast + dynamic loss scaling, for GPUs without bf16), or "auto": bf16 where the device
+    # computes it natively, fp16 on a GPU without bf16, none otherwise (emulated bf16 on a CPU is slower
+    # than fp32); the checkpoint saves the choice. Weights, gradients and optimizer state stay fp32;
+    # the frozen parts keep their own `precision`.
     amp: str = "none"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
-        _choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+        _choice("train.amp", self.amp, ("none", "bf16", "fp16", "auto"))
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"train.device {self.device!r} is not a device: use cpu, cuda, cuda:N, mps or auto")
         if self.group_by_length < 0:

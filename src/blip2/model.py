@@ -81,6 +81,27 @@ def native_half(precision: str) -> bool:
     raise ValueError(f"native_half asks about bf16 or fp16, not {precision!r}")
 
 
+def auto_half(device: torch.device) -> str | None:
+    """The half precision `device` computes natively: "bf16" (a CPU with AVX512-BF16 or AMX, a GPU
+    since Ampere), "fp16" (an older GPU), or None (fp32 is faster: emulated bf16 on a CPU runs a
+    stage-2 step 2.6x slower than fp32)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if device.type == "cpu":
+        return "bf16" if native_half("bf16") else None
+    return None
+
+
+def resolve_auto(cfg: Blip2Config, device: torch.device) -> Blip2Config:
+    """`cfg` with each frozen part's precision "auto" replaced by auto_half(device) (fp32 without one)."""
+    half = auto_half(device) or "fp32"
+    if cfg.vision.precision == "auto":
+        cfg = replace(cfg, vision=replace(cfg.vision, precision=half))
+    if cfg.llm is not None and cfg.llm.precision == "auto":
+        cfg = replace(cfg, llm=replace(cfg.llm, precision=half))
+    return cfg
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What a run's timings depend on, saved in its summary: the same recipe ran 2.6x slower in
     stage 2 on an AVX-512 CPU without native bf16 than on one with it, and about 2x slower on a Zen 4
@@ -313,6 +334,10 @@ class Blip2(nn.Module):
     def build(cls, cfg: Blip2Config, with_vision: bool = True) -> Blip2:
         """Frozen encoder and LLM (loaded from local files) + random trainable parts + tokenizer."""
         from blip2.llm import load_llm
+
+        if "auto" in cfg.frozen_precisions:
+            raise ValueError("precision 'auto' depends on the device: resolve it first with "
+                             "blip2.model.resolve_auto(cfg, device) (training does), or name fp32, fp16 or bf16")
         from blip2.text import load_tokenizer
 
         vision = build_vision_encoder(cfg.vision) if with_vision else None

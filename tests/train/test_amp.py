@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from blip2.config import Stage1Recipe, Stage2Recipe, load_recipe
+from blip2.config import Blip2Config, LLMConfig, Stage1Recipe, Stage2Recipe, VisionConfig, load_recipe
 from blip2.data.scenes import write_scenes
+from blip2.model import Blip2, auto_half, resolve_auto
 from blip2.train import checkpoint
 from blip2.train.loop import train
 from conftest import TINY_SETS, save_tiny_llm
@@ -72,5 +74,42 @@ def test_fp16_loss_scaler_is_checkpointed_and_resumes_exactly(tmp_path, data):
 
 
 def test_unknown_amp_mode_is_refused(data):
-    with pytest.raises(ValueError, match="train.amp must be one of none, bf16, fp16"):
+    with pytest.raises(ValueError, match="train.amp must be one of none, bf16, fp16, auto"):
         _recipe(1, data, "fp8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_trains_as_the_native_choice_and_saves_it(tmp_path, data, monkeypatch, native):
+    # "auto" is bf16 on a CPU that computes it natively and fp32 where bf16 would be emulated; the
+    # run must equal the explicitly named precision's run step for step and record that name
+    monkeypatch.setattr("blip2.model.native_half", lambda precision: native)
+    explicit = ("bf16", "bf16") if native else ("none", "fp32")
+    runs = {}
+    for name, amp, llm in (("auto", "auto", "auto"), ("explicit", *explicit)):
+        recipe = _recipe(2, data, amp)
+        recipe.model.llm = replace(recipe.model.llm, precision=llm)
+        train(recipe, tmp_path / name, progress=False)
+        runs[name] = _losses(tmp_path / name)
+    assert [r["loss"] for r in runs["auto"]] == [r["loss"] for r in runs["explicit"]]
+    saved = json.loads((tmp_path / "auto" / "recipe.json").read_text())
+    assert (saved["train"]["amp"], saved["model"]["llm"]["precision"]) == explicit
+    model_cfg = json.loads((tmp_path / "auto" / "model" / "config.json").read_text())["model"]
+    assert model_cfg["llm"]["precision"] == explicit[1] and model_cfg["vision"]["precision"] == "fp32"
+
+
+def test_auto_half_per_device(monkeypatch):
+    monkeypatch.setattr("blip2.model.native_half", lambda precision: False)
+    assert auto_half(torch.device("cpu")) is None and auto_half(torch.device("mps")) is None
+    monkeypatch.setattr("blip2.model.native_half", lambda precision: precision == "bf16")
+    assert auto_half(torch.device("cpu")) == "bf16"
+    for bf16, want in ((True, "bf16"), (False, "fp16")):  # Ampere and later / older GPUs
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, b=bf16: b)
+        assert auto_half(torch.device("cuda")) == want
+    cfg = resolve_auto(Blip2Config(vision=VisionConfig(precision="auto"), llm=LLMConfig(precision="auto")),
+                       torch.device("cuda"))
+    assert (cfg.vision.precision, cfg.llm.precision) == ("fp16", "fp16")
+
+
+def test_building_a_model_with_unresolved_auto_precision_is_refused():
+    with pytest.raises(ValueError, match="resolve it first with blip2.model.resolve_auto"):
+        Blip2.build(Blip2Config(vision=VisionConfig(precision="auto")))

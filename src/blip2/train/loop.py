@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from blip2.data.records import ImageRecord, has_splits, load_records
 from blip2.generate import stream_seed
 from blip2.io import read_json, write_json
 from blip2.losses import SCSTLoss, Stage1Loss, Stage2Loss
-from blip2.model import CONFIG, WEIGHTS, Blip2, machine_info, resolve_device, warn_slow_half
+from blip2.model import CONFIG, WEIGHTS, Blip2, auto_half, machine_info, resolve_auto, resolve_device, warn_slow_half
 from blip2.qformer import load_bert_init
 from blip2.reward import CiderD, SentenceBleu, WeightedReward
 from blip2.text import caption_token_prior
@@ -288,8 +289,9 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
            world: World | None, check_init: bool) -> dict[str, Any]:
     stage = _stage(recipe)
     out = Path(out)
+    device = resolve_device(recipe.train.device)
+    _resolve_auto_precision(recipe, device)
     tc = recipe.train
-    device = resolve_device(tc.device)
     if device.type == "cuda" and tc.deterministic:  # cuBLAS needs this to be deterministic
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     world = world or World.from_env(device)
@@ -307,6 +309,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     ckpt = checkpoint.load(ckpt_path) if ckpt_path else None
     if stage == 2:
         resolve_stage2_model(recipe)
+        recipe.model = resolve_auto(recipe.model, device)  # the stage-1 model's encoder may say "auto" too
     if ckpt is not None:
         saved = from_dict(type(recipe), ckpt.recipe)
         if to_dict(saved.model) != to_dict(_resolved_model_cfg(recipe, saved)):
@@ -532,6 +535,19 @@ def _val_annotations(recipe: Recipe) -> str:
         log.warning("%s has no splits and data.val is not set: skipping end-of-run evaluation", d.train)
         return ""
     return d.train
+
+
+def _resolve_auto_precision(recipe: Recipe, device: torch.device) -> None:
+    """Replace "auto" in train.amp and the frozen parts' precisions by what `device` computes natively,
+    so that the checkpoints, the saved model and the summary record the choice."""
+    before = [recipe.train.amp, *recipe.model.frozen_precisions]
+    if recipe.train.amp == "auto":
+        recipe.train = replace(recipe.train, amp=auto_half(device) or "none")
+    recipe.model = resolve_auto(recipe.model, device)
+    if "auto" in before:
+        log.info("precision auto on %s (native half: %s): train.amp=%s, vision.precision=%s%s", device,
+                 auto_half(device), recipe.train.amp, recipe.model.vision.precision,
+                 f", llm.precision={recipe.model.llm.precision}" if recipe.model.llm is not None else "")
 
 
 def _resolved_model_cfg(recipe: Recipe, saved: Recipe):
