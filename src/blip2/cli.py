@@ -81,12 +81,10 @@ def cmd_train_pipeline(args: argparse.Namespace) -> int:
 
 def _load(path: str, device: str = "cpu", precision: str | None = None):
     """A model directory (ours or transformers BLIP-2) on `device`, in eval mode."""
-    from blip2.model import Blip2, auto_half, resolve_device, warn_slow_half
+    from blip2.model import Blip2, resolve_device, resolve_precision, warn_slow_half
 
     dev = resolve_device(device)
-    if precision == "auto":
-        precision = auto_half(dev) or "fp32"
-    model = Blip2.from_dir(path, precision=precision)
+    model = Blip2.from_dir(path, precision=resolve_precision(precision, dev) if precision else None)
     warn_slow_half(dev, model.cfg.frozen_precisions)
     return model.to(dev).eval()
 

@@ -92,13 +92,16 @@ def auto_half(device: torch.device) -> str | None:
     return None
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """A frozen part's precision with "auto" replaced by auto_half(device) (fp32 without one)."""
+    return (auto_half(device) or "fp32") if precision == "auto" else precision
+
+
 def resolve_auto(cfg: Blip2Config, device: torch.device) -> Blip2Config:
-    """`cfg` with each frozen part's precision "auto" replaced by auto_half(device) (fp32 without one)."""
-    half = auto_half(device) or "fp32"
-    if cfg.vision.precision == "auto":
-        cfg = replace(cfg, vision=replace(cfg.vision, precision=half))
-    if cfg.llm is not None and cfg.llm.precision == "auto":
-        cfg = replace(cfg, llm=replace(cfg.llm, precision=half))
+    """`cfg` with each frozen part's precision resolved for `device` (resolve_precision)."""
+    cfg = replace(cfg, vision=replace(cfg.vision, precision=resolve_precision(cfg.vision.precision, device)))
+    if cfg.llm is not None:
+        cfg = replace(cfg, llm=replace(cfg.llm, precision=resolve_precision(cfg.llm.precision, device)))
     return cfg
 
 
@@ -333,11 +336,10 @@ class Blip2(nn.Module):
     @classmethod
     def build(cls, cfg: Blip2Config, with_vision: bool = True) -> Blip2:
         """Frozen encoder and LLM (loaded from local files) + random trainable parts + tokenizer."""
-        from blip2.llm import load_llm
-
         if "auto" in cfg.frozen_precisions:
             raise ValueError("precision 'auto' depends on the device: resolve it first with "
                              "blip2.model.resolve_auto(cfg, device) (training does), or name fp32, fp16 or bf16")
+        from blip2.llm import load_llm
         from blip2.text import load_tokenizer
 
         vision = build_vision_encoder(cfg.vision) if with_vision else None

@@ -12,7 +12,6 @@ import math
 import os
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -289,9 +288,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
            world: World | None, check_init: bool) -> dict[str, Any]:
     stage = _stage(recipe)
     out = Path(out)
-    device = resolve_device(recipe.train.device)
-    _resolve_auto_precision(recipe, device)
     tc = recipe.train
+    device = resolve_device(tc.device)
     if device.type == "cuda" and tc.deterministic:  # cuBLAS needs this to be deterministic
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     world = world or World.from_env(device)
@@ -309,7 +307,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     ckpt = checkpoint.load(ckpt_path) if ckpt_path else None
     if stage == 2:
         resolve_stage2_model(recipe)
-        recipe.model = resolve_auto(recipe.model, device)  # the stage-1 model's encoder may say "auto" too
+    _resolve_auto_precision(recipe, device)
     if ckpt is not None:
         saved = from_dict(type(recipe), ckpt.recipe)
         if to_dict(saved.model) != to_dict(_resolved_model_cfg(recipe, saved)):
@@ -542,7 +540,7 @@ def _resolve_auto_precision(recipe: Recipe, device: torch.device) -> None:
     so that the checkpoints, the saved model and the summary record the choice."""
     before = [recipe.train.amp, *recipe.model.frozen_precisions]
     if recipe.train.amp == "auto":
-        recipe.train = replace(recipe.train, amp=auto_half(device) or "none")
+        recipe.train.amp = auto_half(device) or "none"
     recipe.model = resolve_auto(recipe.model, device)
     if "auto" in before:
         log.info("precision auto on %s (native half: %s): train.amp=%s, vision.precision=%s%s", device,
