@@ -72,9 +72,9 @@ def cmd_train_pipeline(args: argparse.Namespace) -> int:
     summary = train_pipeline(recipe, args.out)
     if "rank" in summary["stage2"]:  # under torchrun only the main process reports
         return 0
-    # each stage's headline numbers (its full summary is in out/stageN/summary.json), and the rest as is
-    brief = {k: {kk: vv for kk, vv in v.items() if kk in ("retrieval", "generation", "steps")}
-             if k in ("stage1", "stage2", "scst") else v for k, v in summary.items()}
+    # each stage's (and ensemble's) headline numbers (in full in its summary.json), and the rest as is
+    brief = {k: {kk: vv for kk, vv in v.items() if kk in ("retrieval", "generation", "steps", "models")}
+             if k.split("/")[-1] in ("stage1", "stage2", "scst", "ensemble") else v for k, v in summary.items()}
     print(json.dumps(brief, indent=2, default=str))
     return 0
 

@@ -555,10 +555,22 @@ class PipelineRecipe:
     # Optional third stage into out/scst: SCST from stage 2's model (this recipe's scst: section;
     # its model settings are stage 2's). None = stop after stage 2.
     scst: Stage2Recipe | None = None
+    # Seeds (train.seed) of several stage-2 (+ SCST) models trained one after another from the one
+    # stage-1 model and then decoded as one ensemble (each decoding step follows their mean next-token
+    # probability): the first into out/stage2 and out/scst, member k into out/member{k}/, the
+    # ensemble's val metrics into out/ensemble.json. Each member gets its section's train.max_minutes.
+    # Empty = one model with its sections' own seeds.
+    ensemble_seeds: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.scst is not None:  # a third stage is an SCST stage even when its scst: is empty
             self.scst = self.scst.as_scst()
+        if len(self.ensemble_seeds) == 1:
+            raise ValueError("ensemble_seeds needs two or more seeds; for one model set stage2.train.seed "
+                             "(and scst.train.seed) instead")
+        if len(set(self.ensemble_seeds)) != len(self.ensemble_seeds):
+            raise ValueError(f"ensemble_seeds {self.ensemble_seeds} repeats a seed: equal seeds train "
+                             "identical members")
 
 
 # --------------------------------------------------------------------------- (de)serialisation

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -320,3 +321,56 @@ def test_pipeline_runs_scst_as_a_third_stage(setup, tmp_path):
     init = json.loads((tmp_path / "p" / "scst" / "init_report.json").read_text())
     assert init == {"stage2_model": str(tmp_path / "p" / "stage2" / "model")}
     assert (tmp_path / "p" / "scst" / "loss_curves.png").is_file()
+
+
+def test_pipeline_trains_one_stage2_and_scst_per_ensemble_seed_and_evaluates_them_together(setup, tmp_path):
+    import yaml
+
+    from blip2.config import PipelineRecipe
+    from blip2.eval.caption import evaluate_generation
+    from blip2.model import Blip2Ensemble
+    from blip2.train.loop import train_pipeline
+
+    root, ann, stage2 = setup
+    tiny_s1 = [s for s in STAGE1 if not s.startswith("train.steps")] + ["train.steps=2"]
+    overrides = [f"stage1.{s}" for s in tiny_s1] + [f"stage2.{s}" for s in stage2] + ["stage2.eval.enabled=false"]
+    overrides += [f"stage1.data.train={ann}", f"stage1.data.cache_dir={root / 'cache'}", "stage2.train.steps=2"]
+    overrides += [f"scst.{s}" for s in [*stage2, *SCST] if not s.startswith("model.")] + ["scst.train.steps=2"]
+    overrides += ["ensemble_seeds=[3, 4]"]
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump({"stage1": {}, "stage2": {}, "scst": {}}))
+    p = tmp_path / "p"
+    summary = train_pipeline(load_recipe(path, overrides, PipelineRecipe), p, progress=False)
+    stages = ["stage2", "scst", "member1/stage2", "member1/scst"]
+    assert set(summary["seconds_this_invocation"]) == {"stage1", *stages, "ensemble"}
+    assert all(summary[s]["steps"] == 2 for s in stages)
+    # each member trains with its own seed, stage 2 from the one stage-1 model, SCST from its own stage 2
+    seeds = [json.loads((p / s / "recipe.json").read_text())["train"]["seed"] for s in stages]
+    assert seeds == [3, 3, 4, 4]
+    inits = [json.loads((p / s / "init_report.json").read_text()) for s in stages]
+    assert inits[0]["stage1_model"] == inits[2]["stage1_model"] == str(p / "stage1" / "model")
+    assert inits[1] == {"stage2_model": str(p / "stage2" / "model")}
+    assert inits[3] == {"stage2_model": str(p / "member1" / "stage2" / "model")}
+    a, b = (load_file(str(p / d / "scst" / "model" / "model.safetensors")) for d in (".", "member1"))
+    assert not a["llm_proj.weight"].equal(b["llm_proj.weight"])
+    # the ensemble's metrics are those of the two SCST models decoded together with SCST's evaluation
+    ens = json.loads((p / "ensemble.json").read_text())
+    dirs = [str(p / "scst" / "model"), str(p / "member1" / "scst" / "model")]
+    assert ens["models"] == dirs and summary["ensemble"] == ens
+    recipe = load_recipe(path, overrides, PipelineRecipe)
+    expect = evaluate_generation(Blip2Ensemble([Blip2.from_dir(d) for d in dirs]), str(ann), None, "val",
+                                 recipe.scst.eval, str(root / "cache"), 0, False)
+    assert ens["generation"]["examples"] == expect["examples"] and ens["generation"]["cider"] == expect["cider"]
+    # a second invocation trains nothing and keeps the ensemble's evaluation
+    before = [(p / f).stat().st_mtime_ns for f in ("ensemble.json", "member1/scst/model/model.safetensors")]
+    again = train_pipeline(load_recipe(path, overrides, PipelineRecipe), p, progress=False)
+    assert [(p / f).stat().st_mtime_ns for f in ("ensemble.json", "member1/scst/model/model.safetensors")] == before
+    assert again["ensemble"] == ens
+    # a member retrained after the evaluation (here: its weights newer) is evaluated again
+    later = before[0] + 10**9
+    os.utime(p / "member1" / "scst" / "model" / "model.safetensors", ns=(later, later))
+    train_pipeline(load_recipe(path, overrides, PipelineRecipe), p, progress=False)
+    assert (p / "ensemble.json").stat().st_mtime_ns > before[0]
+    for bad, match in (("[3]", "two or more"), ("[3, 3]", "repeats a seed")):
+        with pytest.raises(ValueError, match=match):
+            load_recipe(path, [*overrides, f"ensemble_seeds={bad}"], PipelineRecipe)

@@ -6,6 +6,7 @@ and the final evaluation; those are the small functions above `train`. The loop 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -34,6 +35,9 @@ from blip2.train import checkpoint
 from blip2.train.distributed import World
 from blip2.train.optim import build_optimizer, lr_at, plan_step, step_time, steps_within_cap
 from blip2.vision.transforms import load_rgb
+
+if TYPE_CHECKING:
+    from blip2.model import Blip2Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +108,7 @@ def report_skipped(skipped: dict[str, str], out: Path, shown: int = 100) -> None
 Recipe = Stage1Recipe | Stage2Recipe
 
 
-def vqa_template(recipe: Stage2Recipe, model: Blip2) -> str:
+def vqa_template(recipe: Stage2Recipe, model: Blip2 | Blip2Ensemble) -> str:
     from blip2.tasks import default_vqa_template
 
     assert model.llm is not None
@@ -213,7 +217,7 @@ def objective_for(recipe: Recipe, world: World, pairs: Pairs):
                                                      step)
 
 
-def evaluate(recipe: Recipe, model: Blip2, progress: bool) -> dict[str, Any]:
+def evaluate(recipe: Recipe, model: Blip2 | Blip2Ensemble, progress: bool) -> dict[str, Any]:
     val = _val_annotations(recipe)
     if not (recipe.eval.enabled and val):
         return {}
@@ -232,32 +236,66 @@ def evaluate(recipe: Recipe, model: Blip2, progress: bool) -> dict[str, Any]:
 
 def train_pipeline(recipe: PipelineRecipe, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Stage 1 into out/stage1, then stage 2 from its model into out/stage2 (and, with recipe.scst,
-    SCST from stage 2's model into out/scst); a finished stage is kept (rerunning the command resumes
-    the unfinished one). Writes out/summary.json with wall times."""
+    SCST from stage 2's model into out/scst). With recipe.ensemble_seeds, one such stage 2 (+ SCST)
+    per seed, member k > 0 in out/member{k}/, and the members' last models evaluated as one ensemble
+    into out/ensemble.json. A finished stage is kept (rerunning the command resumes the unfinished
+    one). Writes out/summary.json with wall times."""
     out = Path(out)
-    t0 = time.perf_counter()
+    t = time.perf_counter()
     summary: dict[str, Any] = {"run_stage1": recipe.run_stage1}
-    trained_stage1 = False  # in this invocation: its end-of-run check has reported its queries already
+    init, trained_stage1 = "", False  # trained_stage1: its end-of-run check has reported its queries
     if recipe.run_stage1:
         done = _finished(out / "stage1")
         trained_stage1 = done is None
         summary["stage1"] = done or train(recipe.stage1, out / "stage1", progress=progress)
-        recipe.stage2.stage2.init = str(out / "stage1" / "model")
-    else:
-        recipe.stage2.stage2.init = ""
-    t1 = time.perf_counter()
-    summary["stage2"] = _finished(out / "stage2") or train(recipe.stage2, out / "stage2", progress=progress,
-                                                           check_init=not trained_stage1)
-    t2 = time.perf_counter()
-    seconds = {"stage1": round(t1 - t0, 1), "stage2": round(t2 - t1, 1)}
-    if recipe.scst is not None:
-        recipe.scst.stage2.init = str(out / "stage2" / "model")
-        summary["scst"] = _finished(out / "scst") or train(recipe.scst, out / "scst", progress=progress)
-        seconds["scst"] = round(time.perf_counter() - t2, 1)
+        init = str(out / "stage1" / "model")
+    seconds = {"stage1": round(time.perf_counter() - t, 1)}
+    last_dirs, last_recipe = [], recipe.stage2
+    for k, seed in enumerate(recipe.ensemble_seeds or [None]):
+        where, key = (out / f"member{k}", f"member{k}/") if k else (out, "")
+        stages = [("stage2", _member_recipe(recipe.stage2, seed, init))]
+        if recipe.scst is not None:
+            stages.append(("scst", _member_recipe(recipe.scst, seed, str(where / "stage2" / "model"))))
+        for name, stage in stages:
+            t = time.perf_counter()
+            summary[key + name] = _finished(where / name) or train(
+                stage, where / name, progress=progress, check_init=name == "scst" or (k == 0 and not trained_stage1))
+            seconds[key + name] = round(time.perf_counter() - t, 1)
+        last_dirs.append(str(where / stages[-1][0] / "model"))
+        last_recipe = stages[-1][1]
+    main = "rank" not in summary["stage2"]  # the main process (the only one under torchrun that evaluates)
+    if len(last_dirs) > 1 and main:
+        t = time.perf_counter()
+        summary["ensemble"] = _evaluate_ensemble(last_recipe, last_dirs, out / "ensemble.json", progress)
+        seconds["ensemble"] = round(time.perf_counter() - t, 1)
     summary["seconds_this_invocation"] = seconds
-    if "rank" not in summary["stage2"]:  # the main process (the only one under torchrun that evaluates)
+    if main:
         write_json(out / "summary.json", summary)
     return summary
+
+
+def _member_recipe(section: Stage2Recipe, seed: int | None, init: str) -> Stage2Recipe:
+    """A copy of a stage-2 or SCST section starting from `init`, with train.seed `seed` (None: its own)."""
+    member = copy.deepcopy(section)
+    member.stage2.init = init
+    if seed is not None:
+        member.train.seed = seed
+    return member
+
+
+def _evaluate_ensemble(recipe: Stage2Recipe, model_dirs: list[str], path: Path, progress: bool) -> dict[str, Any]:
+    """Val metrics of `model_dirs` decoded as one Blip2Ensemble with `recipe`'s evaluation, kept in
+    `path` (reused while it names the same models and is newer than their weights)."""
+    newest = max((Path(d) / WEIGHTS).stat().st_mtime_ns for d in model_dirs)
+    if path.is_file() and path.stat().st_mtime_ns > newest and read_json(path).get("models") == model_dirs:
+        return read_json(path)
+    from blip2.model import Blip2Ensemble
+
+    device = resolve_device(recipe.train.device)
+    models = [Blip2.from_dir(d).to(device) for d in model_dirs]
+    result = {"models": model_dirs, **evaluate(recipe, Blip2Ensemble(models), progress)}
+    write_json(path, result)
+    return result
 
 
 def _finished(run: Path) -> dict[str, Any] | None:
