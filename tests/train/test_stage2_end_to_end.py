@@ -299,20 +299,27 @@ def test_scst_fine_tunes_a_stage2_model_resumes_exactly_and_evaluates(setup, tmp
         load_recipe(resolve_recipe("quickstart-stage2"), ["scst.samples=3"], Stage2Recipe)
 
 
-def test_pipeline_runs_scst_as_a_third_stage(setup, tmp_path):
+def _three_stages(setup, tmp_path, extra: list[str]) -> tuple[Path, list[str]]:
+    """A pipeline recipe file with empty stage1/stage2/scst sections, and the overrides that make its
+    stages tiny: 2 steps of stage 1 and of stage 2 (not evaluated), then SCST; `extra` last."""
     import yaml
-
-    from blip2.config import PipelineRecipe
-    from blip2.train.loop import train_pipeline
 
     root, ann, stage2 = setup
     tiny_s1 = [s for s in STAGE1 if not s.startswith("train.steps")] + ["train.steps=2"]
     overrides = [f"stage1.{s}" for s in tiny_s1] + [f"stage2.{s}" for s in stage2] + ["stage2.eval.enabled=false"]
     overrides += [f"stage1.data.train={ann}", f"stage1.data.cache_dir={root / 'cache'}", "stage2.train.steps=2"]
-    overrides += [f"scst.{s}" for s in [*stage2, *SCST] if not s.startswith("model.")] + ["scst.eval.enabled=false"]
-    overrides += ["scst.scst.bleu_weight=0.5"]  # the CIDEr-D + BLEU-4 reward
+    overrides += [f"scst.{s}" for s in [*stage2, *SCST] if not s.startswith("model.")]
     path = tmp_path / "pipe.yaml"
     path.write_text(yaml.safe_dump({"stage1": {}, "stage2": {}, "scst": {}}))
+    return path, [*overrides, *extra]
+
+
+def test_pipeline_runs_scst_as_a_third_stage(setup, tmp_path):
+    from blip2.config import PipelineRecipe
+    from blip2.train.loop import train_pipeline
+
+    # with the CIDEr-D + BLEU-4 reward
+    path, overrides = _three_stages(setup, tmp_path, ["scst.eval.enabled=false", "scst.scst.bleu_weight=0.5"])
     recipe = load_recipe(path, overrides, PipelineRecipe)
     assert recipe.scst is not None and recipe.scst.scst is not None  # an empty scst: still means SCST
     assert recipe.scst.scst.bleu_weight == 0.5
@@ -324,21 +331,13 @@ def test_pipeline_runs_scst_as_a_third_stage(setup, tmp_path):
 
 
 def test_pipeline_trains_one_stage2_and_scst_per_ensemble_seed_and_evaluates_them_together(setup, tmp_path):
-    import yaml
-
     from blip2.config import PipelineRecipe
     from blip2.eval.caption import evaluate_generation
     from blip2.model import Blip2Ensemble
     from blip2.train.loop import train_pipeline
 
-    root, ann, stage2 = setup
-    tiny_s1 = [s for s in STAGE1 if not s.startswith("train.steps")] + ["train.steps=2"]
-    overrides = [f"stage1.{s}" for s in tiny_s1] + [f"stage2.{s}" for s in stage2] + ["stage2.eval.enabled=false"]
-    overrides += [f"stage1.data.train={ann}", f"stage1.data.cache_dir={root / 'cache'}", "stage2.train.steps=2"]
-    overrides += [f"scst.{s}" for s in [*stage2, *SCST] if not s.startswith("model.")] + ["scst.train.steps=2"]
-    overrides += ["ensemble_seeds=[3, 4]"]
-    path = tmp_path / "pipe.yaml"
-    path.write_text(yaml.safe_dump({"stage1": {}, "stage2": {}, "scst": {}}))
+    root, ann, _ = setup
+    path, overrides = _three_stages(setup, tmp_path, ["scst.train.steps=2", "ensemble_seeds=[3, 4]"])
     p = tmp_path / "p"
     summary = train_pipeline(load_recipe(path, overrides, PipelineRecipe), p, progress=False)
     stages = ["stage2", "scst", "member1/stage2", "member1/scst"]
