@@ -14,7 +14,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -27,7 +27,17 @@ from blip2.data.records import ImageRecord, has_splits, load_records
 from blip2.generate import stream_seed
 from blip2.io import read_json, write_json
 from blip2.losses import SCSTLoss, Stage1Loss, Stage2Loss
-from blip2.model import CONFIG, WEIGHTS, Blip2, auto_half, machine_info, resolve_auto, resolve_device, warn_slow_half
+from blip2.model import (
+    CONFIG,
+    WEIGHTS,
+    Blip2,
+    Blip2Ensemble,
+    auto_half,
+    machine_info,
+    resolve_auto,
+    resolve_device,
+    warn_slow_half,
+)
 from blip2.qformer import load_bert_init
 from blip2.reward import CiderD, SentenceBleu, WeightedReward
 from blip2.text import caption_token_prior
@@ -35,9 +45,6 @@ from blip2.train import checkpoint
 from blip2.train.distributed import World
 from blip2.train.optim import build_optimizer, lr_at, plan_step, step_time, steps_within_cap
 from blip2.vision.transforms import load_rgb
-
-if TYPE_CHECKING:
-    from blip2.model import Blip2Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +257,7 @@ def train_pipeline(recipe: PipelineRecipe, out: str | Path, progress: bool = Tru
         summary["stage1"] = done or train(recipe.stage1, out / "stage1", progress=progress)
         init = str(out / "stage1" / "model")
     seconds = {"stage1": round(time.perf_counter() - t, 1)}
-    last_dirs, last_recipe = [], recipe.stage2
+    last_dirs = []
     for k, seed in enumerate(recipe.ensemble_seeds or [None]):
         where, key = (out / f"member{k}", f"member{k}/") if k else (out, "")
         stages = [("stage2", _member_recipe(recipe.stage2, seed, init))]
@@ -262,11 +269,11 @@ def train_pipeline(recipe: PipelineRecipe, out: str | Path, progress: bool = Tru
                 stage, where / name, progress=progress, check_init=name == "scst" or (k == 0 and not trained_stage1))
             seconds[key + name] = round(time.perf_counter() - t, 1)
         last_dirs.append(str(where / stages[-1][0] / "model"))
-        last_recipe = stages[-1][1]
     main = "rank" not in summary["stage2"]  # the main process (the only one under torchrun that evaluates)
     if len(last_dirs) > 1 and main:
         t = time.perf_counter()
-        summary["ensemble"] = _evaluate_ensemble(last_recipe, last_dirs, out / "ensemble.json", progress)
+        last = recipe.scst if recipe.scst is not None else recipe.stage2  # members differ in seed and init only
+        summary["ensemble"] = _evaluate_ensemble(last, last_dirs, out / "ensemble.json", progress)
         seconds["ensemble"] = round(time.perf_counter() - t, 1)
     summary["seconds_this_invocation"] = seconds
     if main:
@@ -287,10 +294,10 @@ def _evaluate_ensemble(recipe: Stage2Recipe, model_dirs: list[str], path: Path, 
     """Val metrics of `model_dirs` decoded as one Blip2Ensemble with `recipe`'s evaluation, kept in
     `path` (reused while it names the same models and is newer than their weights)."""
     newest = max((Path(d) / WEIGHTS).stat().st_mtime_ns for d in model_dirs)
-    if path.is_file() and path.stat().st_mtime_ns > newest and read_json(path).get("models") == model_dirs:
-        return read_json(path)
-    from blip2.model import Blip2Ensemble
-
+    if path.is_file() and path.stat().st_mtime_ns > newest:
+        kept = read_json(path)
+        if kept.get("models") == model_dirs:
+            return kept
     device = resolve_device(recipe.train.device)
     models = [Blip2.from_dir(d).to(device) for d in model_dirs]
     result = {"models": model_dirs, **evaluate(recipe, Blip2Ensemble(models), progress)}
