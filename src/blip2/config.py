@@ -298,6 +298,11 @@ class TrainConfig:
     # rewrites the warmup; starting it at warmup_steps leaves the warmup alone and still catches the
     # later spikes that precede a divergence (docs/RESULTS.md, "Stage 2 diverges for some seeds").
     grad_clip_from: int = 0
+    # Exponential moving average of the trained weights (0 = off): after each step past the warmup
+    # avg <- d * avg + (1 - d) * w, starting from a copy of the weights at the warmup's end. The saved
+    # model/ (what a following stage starts from, and what the run evaluates) holds the average and
+    # model_raw/ the last weights; checkpoints keep the average, so resumes stay exact.
+    ema_decay: float = 0.0
     # Seed for initialisation, data order, dropout and negative sampling.
     seed: int = 42
     # Log metrics / write a checkpoint every this many steps (and at the end).
@@ -356,6 +361,9 @@ class TrainConfig:
             raise ValueError(f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if not self.max_minutes >= 0:
             raise ValueError(f"train.max_minutes must be >= 0 minutes of training (0 = no cap), got {self.max_minutes}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"train.ema_decay must be in [0, 1) (0 = off; e.g. 0.998 averages over ~500 steps), "
+                             f"got {self.ema_decay}")
         if self.grad_clip_from < 0:
             raise ValueError(f"train.grad_clip_from must be >= 0 (0 = clip from the first step), "
                              f"got {self.grad_clip_from}")

@@ -207,6 +207,46 @@ def test_length_grouped_batches_change_the_run_and_resume_exactly(setup, tmp_pat
     assert not weights["full"]["llm_proj.weight"].equal(weights["plain"]["llm_proj.weight"])  # other batches
 
 
+def test_weight_average_is_saved_as_the_model_leaves_training_alone_and_resumes_exactly(setup, tmp_path,
+                                                                                        monkeypatch):
+    every_step = ["train.ckpt_every=1", "train.ema_decay=0.75"]  # warmup 1: the average starts after step 1
+    raw_at: dict[int, dict[str, torch.Tensor]] = {}
+    save = checkpoint.save
+
+    def recording_save(out, step, recipe, weights, *args, **kwargs):
+        raw_at[step] = {k: v.detach().clone() for k, v in weights.items()}
+        return save(out, step, recipe, weights, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", recording_save)
+    train(_recipe(setup, every_step), tmp_path / "ema", progress=False)
+    monkeypatch.setattr(checkpoint, "save", save)
+    train(_recipe(setup, ["train.ckpt_every=1"]), tmp_path / "plain", progress=False)
+    read = {name: load_file(str(tmp_path / name)) for name in
+            ("ema/model/model.safetensors", "ema/model_raw/model.safetensors", "plain/model/model.safetensors")}
+    avg, raw, plain = read.values()
+
+    # averaging changes nothing in training: the last weights are the run without it, bit for bit
+    assert all(raw[k].equal(plain[k]) for k in plain)
+    # model/ holds the average by hand: the step-1 weights, then avg <- 0.75 avg + 0.25 w at steps 2..5
+    trained = [k for k in raw if not raw[k].equal(raw_at[1][k])]
+    assert "llm_proj.weight" in trained and "qformer.query_tokens" in trained
+    for k in raw:
+        expect = raw_at[1][k].double()
+        for step in range(2, 6):
+            expect = 0.75 * expect + 0.25 * raw_at[step][k].double()
+        torch.testing.assert_close(avg[k].double(), expect, rtol=1e-6, atol=1e-7, msg=k)
+    assert not avg["llm_proj.weight"].equal(raw["llm_proj.weight"])
+
+    # a killed averaged run resumes to the same average; an unaveraged checkpoint is refused
+    assert train(_recipe(setup, every_step), tmp_path / "cut", stop_after=3, progress=False) == {"stopped_at": 3}
+    train(_recipe(setup, every_step), tmp_path / "cut", progress=False)
+    resumed = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert all(resumed[k].equal(avg[k]) for k in avg)
+    assert train(_recipe(setup), tmp_path / "plain-cut", stop_after=2, progress=False) == {"stopped_at": 2}
+    with pytest.raises(ValueError, match="has no weight average.*train.ema_decay=0"):
+        train(_recipe(setup, every_step), tmp_path / "plain-cut", progress=False)
+
+
 def _collapsed_copy(model: Path, out: Path) -> Path:
     """`model` with every query token set to the first one: identical query outputs (queries have no
     position embedding), i.e. the collapse measured on Flickr8k."""

@@ -43,6 +43,7 @@ from blip2.reward import CiderD, SentenceBleu, WeightedReward
 from blip2.text import caption_token_prior
 from blip2.train import checkpoint
 from blip2.train.distributed import World
+from blip2.train.ema import WeightEMA
 from blip2.train.optim import build_optimizer, lr_at, plan_step, step_time, steps_within_cap
 from blip2.vision.transforms import load_rgb
 
@@ -402,6 +403,7 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
             recipe_steps, tc.steps = int(time_plan["recipe_steps"]), int(time_plan["planned_steps"])
         log.info("resumed from %s at step %d", ckpt.path, start)
     world.broadcast_(trainable)
+    ema = _weight_ema(model, tc, ckpt)
     if stage == 2 and ckpt is None and world.is_main and recipe.stage2.init and check_init:
         init_stage = 1 if recipe.scst is None else 2  # SCST starts from a stage-2 model
         _check_queries(model, pairs, device, f"the stage-{init_stage} model {recipe.stage2.init}")
@@ -451,6 +453,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if ema is not None:
+            ema.update(step)
         window_n += tc.batch_size * tc.grad_accum
         bar.update(1)
         ends.append(_now())
@@ -495,7 +499,8 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
                 write_json(out / "recipe.json", recipe_dict)
             if scaler.is_enabled():
                 state["grad_scaler"] = scaler.state_dict()
-            checkpoint.save(out, step, recipe_dict, model.trainable_state_dict(), optimizer, state)
+            checkpoint.save(out, step, recipe_dict, model.trainable_state_dict(), optimizer, state,
+                            ema=ema.state_dict() if ema is not None else None)
         if stop_after is not None and step >= stop_after:
             bar.close()
             if metrics is not None:
@@ -504,6 +509,10 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     bar.close()
     train_minutes = round((spent0 + _now() - t_start) / 60, 2)
     meta = {"stage": stage, "steps": tc.steps, "recipe": recipe_dict}
+    if ema is not None:  # model/ gets the average, model_raw/ the last weights
+        if world.is_main:
+            model.save(out / "model_raw", meta)
+        ema.copy_to_params()
     if world.is_main:
         model.save(out / "model", meta)
     world.barrier()  # the model is on disk before any process moves on (e.g. to stage 2 from it)
@@ -520,6 +529,19 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
     summary.update(evaluate(recipe, model, progress))
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _weight_ema(model: Blip2, tc: TrainConfig, ckpt: checkpoint.Checkpoint | None) -> WeightEMA | None:
+    """train.ema_decay's average of the trained weights (None when off), restored from a checkpoint."""
+    if not tc.ema_decay:
+        return None
+    ema = WeightEMA({n: p for n, p in model.named_parameters() if p.requires_grad}, tc.ema_decay, tc.warmup_steps)
+    if ckpt is not None:
+        if ckpt.ema is None:
+            raise ValueError(f"{ckpt.path} has no weight average: it was written without train.ema_decay. Resume "
+                             "with train.ema_decay=0, or start the averaged run in a new --out directory")
+        ema.load_state_dict(ckpt.ema, source=str(ckpt.path))
+    return ema
 
 
 def _plan_time_cap(tc: TrainConfig, world: World, step: int, spent_s: float, s_per_step: float, recipe_steps: int,
