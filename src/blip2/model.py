@@ -169,6 +169,20 @@ def is_text_only(name: str) -> bool:
     return len(parts) > 3 and parts[1] == "layer" and parts[3] in ("intermediate", "output")
 
 
+def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,
+                allow_missing: tuple[str, ...] = ()) -> None:
+    """Refuse `state` (read from `source`) unless it has exactly `own`'s keys, at `own`'s shapes;
+    keys starting with an `allow_missing` prefix may be absent."""
+    missing = sorted(k for k in set(own) - set(state) if not k.startswith(allow_missing))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"{source}: {len(missing)} missing keys {missing[:5]}, "
+                       f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+    for k, v in own.items():
+        if k in state and state[k].shape != v.shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}")
+
+
 class Blip2(nn.Module):
     def __init__(self, cfg: Blip2Config, vision: FrozenImageEncoder | None = None, tokenizer: Any = None,
                  llm: FrozenLM | None = None):
@@ -358,15 +372,7 @@ class Blip2(nn.Module):
         `allow_missing`: key prefixes that may be absent and keep their fresh initialisation
         (`llm_proj.` when a stage-2 model starts from a stage-1 checkpoint).
         """
-        own = self.trainable_state_dict()
-        missing = sorted(k for k in set(own) - set(state) if not k.startswith(allow_missing))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise KeyError(f"{source}: {len(missing)} missing keys {missing[:5]}, "
-                           f"{len(unexpected)} unexpected keys {unexpected[:5]}")
-        for k, v in own.items():
-            if k in state and state[k].shape != v.shape:
-                raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}")
+        check_state(self.trainable_state_dict(), state, source, allow_missing)
         self.load_state_dict(state, strict=False)
 
     def save(self, directory: str | Path, meta: dict[str, Any] | None = None) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from blip2.model import check_state
+
 
 class WeightEMA:
     """avg <- d * avg + (1 - d) * w after every optimizer step past `start`; up to and including
@@ -39,14 +41,8 @@ class WeightEMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "state") -> None:
         """Strict: the same parameter names and shapes as the weights being averaged."""
-        missing, unexpected = sorted(set(self.avg) - set(state)), sorted(set(state) - set(self.avg))
-        if missing or unexpected:
-            raise KeyError(f"{source}: the weight average has {len(missing)} missing keys {missing[:5]} and "
-                           f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+        check_state(self.avg, state, f"{source} (weight average)")
         for k, v in self.avg.items():
-            if state[k].shape != v.shape:
-                raise ValueError(f"{source}: average of {k} has shape {tuple(state[k].shape)}, "
-                                 f"the model's is {tuple(v.shape)}")
             v.copy_(state[k])
 
     @torch.no_grad()
