@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from blip2.average import average_models
 from blip2.cli import main
@@ -73,3 +73,21 @@ def test_refusals_write_nothing(models, tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         average_models(models[:2], kept)
     assert [p.name for p in kept.iterdir()] == ["note.txt"]
+
+
+def test_refuses_other_keys_shapes_and_dtypes(models, tmp_path):
+    weights = load_file(str(models[1] / "model.safetensors"))
+    key = sorted(k for k in weights if weights[k].is_floating_point())[0]
+    variants = {
+        "fewer": ({k: v for k, v in weights.items() if k != key}, KeyError, r"1 missing keys \['" + key),
+        "shape": ({**weights, key: torch.zeros(3)}, ValueError, f"{key} has shape \\(3,\\)"),
+        "dtype": ({**weights, key: weights[key].half()}, ValueError, f"{key} is torch.float16"),
+    }
+    for name, (state, error, pattern) in variants.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text((models[1] / "config.json").read_text())
+        save_file(state, str(d / "model.safetensors"))
+        with pytest.raises(error, match=pattern):
+            average_models([models[0], d], tmp_path / "out")
+        assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from blip2.io import atomic_dir, read_json, write_json
-from blip2.model import CONFIG, WEIGHTS, require_model_dir
+from blip2.model import CONFIG, WEIGHTS, check_state, require_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,10 @@ def average_models(dirs: list[str | Path], out: str | Path, weights: list[float]
             diff = sorted(k for k in docs[0]["model"] if doc["model"].get(k) != docs[0]["model"][k])
             raise ValueError(f"{p} has another model config than {paths[0]} (differs in {diff}); only models "
                              "fine-tuned from one start point can be averaged")
-        missing, extra = sorted(set(states[0]) - set(state)), sorted(set(state) - set(states[0]))
-        if missing or extra:
-            raise KeyError(f"{p}: {len(missing)} keys missing {missing[:5]}, {len(extra)} extra {extra[:5]} "
-                           f"against {paths[0]}")
+        check_state(states[0], state, f"{p} (against {paths[0]})")
         for k, v in states[0].items():
-            if state[k].shape != v.shape or state[k].dtype != v.dtype:
-                raise ValueError(f"{p}: {k} is {tuple(state[k].shape)} {state[k].dtype}, "
-                                 f"{paths[0]} has {tuple(v.shape)} {v.dtype}")
+            if state[k].dtype != v.dtype:
+                raise ValueError(f"{p}: {k} is {state[k].dtype}, {paths[0]} has {v.dtype}")
     prints = {d.get("meta", {}).get("vision_fingerprint") for d in docs}
     if len(prints) > 1:
         log.warning("the models were trained with frozen encoders of different fingerprints %s",
