@@ -71,6 +71,13 @@ def test_clip_validation(sets, msg):
         load_recipe(None, sets)
 
 
+@pytest.mark.parametrize("value", ["1.0", "-0.1"])
+def test_token_drop_validation(value):
+    msg = rf"data.token_drop is a fraction of the image tokens in \[0, 1\), got {value}"
+    with pytest.raises(ValueError, match=msg):
+        load_recipe(None, [f"data.token_drop={value}"])
+
+
 def test_round_trip():
     r = load_recipe(RECIPES / "flickr8k-stage1.yaml")
     assert from_dict(Stage1Recipe, to_dict(r)) == r

@@ -245,6 +245,10 @@ class DataConfig:
     use_cache: bool = True
     # Train-time augmentation (RandomResizedCrop 0.5-1 + flip); only used when use_cache=false.
     augment: bool = True
+    # Fraction of each training image's feature tokens dropped at random, redrawn every step (0 = keep
+    # all): an augmentation that costs nothing, for cached features, which otherwise show the model
+    # the same view of an image every epoch. Evaluation and generation always read every token.
+    token_drop: float = 0.0
     # Limit the number of training images (None = all); useful for smoke runs.
     max_images: int | None = None
     # Image-decoding worker processes for caching / online encoding.
@@ -255,6 +259,8 @@ class DataConfig:
             raise ValueError(f"data.max_images must be positive, got {self.max_images}")
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
+        if not 0 <= self.token_drop < 1:
+            raise ValueError(f"data.token_drop is a fraction of the image tokens in [0, 1), got {self.token_drop}")
 
 
 @dataclass

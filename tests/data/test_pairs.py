@@ -1,9 +1,10 @@
 import random
 
 import pytest
+import torch
 
 from blip2.config import Stage1Recipe, TrainConfig
-from blip2.data.pairs import EpochSampler
+from blip2.data.pairs import EpochSampler, drop_tokens
 
 
 def _epoch(sampler: EpochSampler, epoch: int = 0) -> list[list[int]]:
@@ -79,3 +80,19 @@ def test_per_image_pairs_keep_each_images_first_caption():
     assert len(Pairs(records, None, 0, features=feats)) == 4
     with pytest.raises(ValueError, match="captions only"):
         Pairs(records, None, 0, features=feats, per_image=True, qa_template="Question: {} Answer:")
+
+
+def test_drop_tokens_keeps_a_fresh_ordered_subset_of_each_images_tokens():
+    feats = torch.arange(3 * 10 * 2, dtype=torch.float32).reshape(3, 10, 2)  # token j of image b: unique rows
+    out = drop_tokens(feats, 0.3, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 7, 2)
+    subsets = []
+    for b in range(3):
+        rows = [feats[b].tolist().index(row) for row in out[b].tolist()]  # which token each kept row is
+        assert rows == sorted(set(rows))  # distinct tokens of this image, in their original order
+        subsets.append(rows)
+    assert len({tuple(s) for s in subsets}) > 1  # drawn per image, not one mask for the batch
+    again = drop_tokens(feats, 0.3, torch.Generator().manual_seed(0))
+    assert again.equal(out) and not drop_tokens(feats, 0.3, torch.Generator().manual_seed(1)).equal(out)
+    assert drop_tokens(feats, 0.0, torch.Generator()) is feats
+    assert drop_tokens(feats, 0.99, torch.Generator()).shape == (3, 1, 2)  # never empty

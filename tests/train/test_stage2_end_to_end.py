@@ -413,3 +413,28 @@ def test_pipeline_trains_one_stage2_and_scst_per_ensemble_seed_and_evaluates_the
     for bad, match in (("[3]", "two or more"), ("[3, 3]", "repeats a seed")):
         with pytest.raises(ValueError, match=match):
             load_recipe(path, [*overrides, f"ensemble_seeds={bad}"], PipelineRecipe)
+
+
+def test_token_drop_trains_on_fewer_tokens_evaluates_on_all_and_resumes_exactly(setup, tmp_path, monkeypatch):
+    seen: list[int] = []
+    soft_prompt = Blip2.soft_prompt
+
+    def spy(self, image_feats):
+        seen.append(image_feats.shape[1])
+        return soft_prompt(self, image_feats)
+
+    monkeypatch.setattr(Blip2, "soft_prompt", spy)
+    dropped = ["data.token_drop=0.5"]
+    train(_recipe(setup), tmp_path / "plain", progress=False)
+    n_all = seen[0]  # 64 px through EfficientNet-Lite0: a 2 x 2 map
+    assert n_all == 4 and set(seen) == {n_all}
+    seen.clear()
+    train(_recipe(setup, dropped), tmp_path / "full", progress=False)
+    # 5 training steps on half the tokens, then the end-of-run evaluation on all of them
+    assert seen[:5] == [2] * 5 and set(seen[5:]) == {n_all}
+    assert train(_recipe(setup, dropped), tmp_path / "cut", stop_after=3, progress=False) == {"stopped_at": 3}
+    train(_recipe(setup, dropped), tmp_path / "cut", progress=False)
+    weights = {name: load_file(str(tmp_path / name / "model" / "model.safetensors"))
+               for name in ("plain", "full", "cut")}
+    assert all(weights["full"][k].equal(weights["cut"][k]) for k in weights["full"])
+    assert not weights["full"]["llm_proj.weight"].equal(weights["plain"]["llm_proj.weight"])

@@ -35,6 +35,22 @@ class Batch:
                        image_feats=move(self.image_feats), pixels=move(self.pixels))
 
 
+def drop_tokens(feats: torch.Tensor, frac: float, generator: torch.Generator) -> torch.Tensor:
+    """A random `1 - frac` of each image's feature tokens, in their original order.
+
+    Cached features show the model one fixed view of each image, epoch after epoch; a fresh subset
+    of tokens per image and step is a free augmentation against memorising them (the Q-Former's
+    cross-attention reads a set of tokens, so fewer tokens need no other change).
+    (B, N, C) -> (B, K, C) with K = max(1, round(N * (1 - frac))).
+    """
+    if frac <= 0:
+        return feats
+    b, n, c = feats.shape
+    k = max(1, round(n * (1 - frac)))
+    keep = torch.rand(b, n, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values  # (B, K)
+    return feats.gather(1, keep.to(feats.device)[..., None].expand(b, k, c))
+
+
 class EpochSampler:
     """Shuffles pair indices once per epoch from (seed, epoch); its state is (epoch, pos).
 

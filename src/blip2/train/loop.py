@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from blip2.config import PipelineRecipe, Stage1Recipe, Stage2Recipe, TrainConfig, from_dict, to_dict
 from blip2.data.cache import cached_features
-from blip2.data.pairs import EpochSampler, Pairs
+from blip2.data.pairs import EpochSampler, Pairs, drop_tokens
 from blip2.data.records import ImageRecord, has_splits, load_records
 from blip2.generate import stream_seed
 from blip2.io import read_json, write_json
@@ -435,6 +435,9 @@ def _train(recipe: Recipe, out: str | Path, stop_after: int | None, progress: bo
         for micro in range(tc.grad_accum):
             batch = pairs.batch(world.shard(sampler.next()), step).to(device)
             feats = batch.image_feats if batch.image_feats is not None else model.image_features(batch.pixels)
+            if recipe.data.token_drop > 0:  # seeded per (step, micro-batch, rank), like dropout: resumes exactly
+                drop = torch.Generator().manual_seed((tc.seed * 1_000_003 + step) * 7919 + micro * 31 + world.rank)
+                feats = drop_tokens(feats, recipe.data.token_drop, drop)  # (B, N, C) -> (B, K, C)
             # the same on every rank: ITM's negative sampling draws for the global batch
             gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * tc.grad_accum + micro)
             with torch.autocast(device.type, dtype=AMP_DTYPES.get(tc.amp), enabled=tc.amp != "none"):
