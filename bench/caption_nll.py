@@ -7,7 +7,8 @@ Beam-decoded BLEU-4 of one stage-2 run moves by ~1.5 between runs that differ on
 steps (docs/RESULTS.md, "A moving average of stage 2's weights"), so one run per setting says little
 through it. The mean negative log-likelihood per caption token (text + eos, the training loss, in
 eval mode, every caption of the first `--max-images` images of the split, cached features) is a much
-smoother measure of how well a model predicts captions it did not train on; `--split train` gives the
+smoother measure of how well a model predicts captions it did not train on (for an encoder-decoder
+LLM the whole caption is the decoder target: no random prefix split as in training); `--split train` gives the
 same on training captions, so the difference is the generalisation gap.
 Prints one JSON line per model.
 """
