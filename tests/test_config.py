@@ -48,6 +48,8 @@ def test_wrong_type_is_named():
     (dict(hidden_size=30, num_heads=4), "divisible"),
     (dict(num_queries=0), "num_queries"),
     (dict(temp_init=2.0), "temp_init"),
+    (dict(hidden_dropout=1.0), "hidden_dropout"),
+    (dict(attention_dropout=-0.1), "attention_dropout"),
 ])
 def test_qformer_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -87,6 +87,7 @@ class QFormerConfig:
     # LayerNorm epsilon inside the Q-Former (BERT's 1e-12; ln_vision uses 1e-5).
     layer_norm_eps: float = 1e-12
     # Dropout after attention/FFN outputs and embeddings, and on attention probabilities (BERT: 0.1).
+    # A stage 2 from a stage-1 model takes these two from its own recipe, the rest from the model.
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     # Std of the normal init of new weights (queries, cross-attention, heads).
@@ -118,6 +119,9 @@ class QFormerConfig:
         _choice("qformer.text_pool", self.text_pool, ("cls", "mean"))
         if not 0 < self.temp_init < 1:
             raise ValueError(f"qformer.temp_init should be in (0, 1), got {self.temp_init}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"qformer.{name} is a probability in [0, 1), got {getattr(self, name)}")
 
     def cross_attention_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if i % self.cross_attention_freq == 0]

@@ -148,6 +148,23 @@ def test_stage2_from_scratch_and_reload_generates_the_same(setup, tmp_path):
     assert a.generate(feats, ["", "question"], cfg) == b.generate(feats, ["", "question"], cfg)
 
 
+def test_stage2_takes_the_stage1_structure_but_its_own_dropout(setup, tmp_path):
+    """The init's weights fix the Q-Former's shape (the recipe's defaults would not fit them); the
+    dropout rates are training behaviour and follow the stage-2 recipe."""
+    recipe = _recipe(setup, ["model.qformer.hidden_dropout=0.3", "model.qformer.attention_dropout=0.0",
+                             "train.steps=1", "eval.enabled=false"])
+    assert recipe.model.qformer.num_queries == 32  # the recipe's default, not the stage-1 model's 4
+    train(recipe, tmp_path / "s", progress=False)
+    saved = json.loads((tmp_path / "s" / "model" / "config.json").read_text())["model"]["qformer"]
+    s1 = json.loads((setup[0] / "s1" / "model" / "config.json").read_text())["model"]["qformer"]
+    assert s1["hidden_dropout"] == s1["attention_dropout"] == 0.1
+    assert {k: v for k, v in saved.items() if "dropout" not in k} == {k: v for k, v in s1.items() if "dropout" not in k}
+    assert (saved["hidden_dropout"], saved["attention_dropout"]) == (0.3, 0.0)
+    model = Blip2.from_dir(tmp_path / "s" / "model")
+    assert {m.p for m in model.qformer.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    assert {m.attn_dropout for m in model.qformer.modules() if hasattr(m, "attn_dropout")} == {0.0}
+
+
 def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path, caplog, monkeypatch, capsys):
     import yaml
 

@@ -7,6 +7,7 @@ and the final evaluation; those are the small functions above `train`. The loop 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -185,8 +186,9 @@ def set_itg_prior_bias(model: Blip2, texts: list[str], label_smoothing: float) -
 
 
 def resolve_stage2_model(recipe: Stage2Recipe) -> None:
-    """A stage-2 run from a stage-1 model takes that model's encoder and Q-Former config; an SCST run
-    takes the whole config of the stage-2 model it fine-tunes (its LLM included)."""
+    """A stage-2 run from a stage-1 model takes that model's encoder and Q-Former structure (its
+    weights fix them) but the recipe's Q-Former dropout rates, which are training behaviour, not
+    weights; an SCST run takes the whole config of the stage-2 model it fine-tunes (its LLM included)."""
     if recipe.scst is not None and not recipe.stage2.init:
         raise ValueError("an SCST run fine-tunes a stage-2 model: name it with stage2.init "
                          "(blip2 train scst --init DIR)")
@@ -198,7 +200,10 @@ def resolve_stage2_model(recipe: Stage2Recipe) -> None:
                 raise ValueError(f"{recipe.stage2.init} is a stage-1 model (no LLM); SCST starts from a stage-2 model")
             recipe.model = init
         else:
-            recipe.model.vision, recipe.model.qformer = init.vision, init.qformer
+            own = recipe.model.qformer
+            recipe.model.vision = init.vision
+            recipe.model.qformer = dataclasses.replace(init.qformer, hidden_dropout=own.hidden_dropout,
+                                                       attention_dropout=own.attention_dropout)
 
 
 def objective_for(recipe: Recipe, world: World, pairs: Pairs):
