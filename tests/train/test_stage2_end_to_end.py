@@ -19,7 +19,7 @@ from blip2.data.scenes import write_scenes
 from blip2.eval.vqa import vqa_accuracy
 from blip2.model import Blip2
 from blip2.train import checkpoint
-from blip2.train.loop import COLLAPSED_QUERY_COS, train
+from blip2.train.loop import COLLAPSED_QUERY_COS, resolve_stage2_model, train
 from conftest import save_tiny_llm
 
 STAGE1 = ["model.vision.image_size=64", "model.qformer.init=none", "model.qformer.num_layers=2",
@@ -165,6 +165,36 @@ def test_stage2_takes_the_stage1_structure_but_its_own_dropout(setup, tmp_path):
     assert {m.attn_dropout for m in model.qformer.modules() if hasattr(m, "attn_dropout")} == {0.0}
 
 
+def test_a_recipe_field_the_init_model_overrides_is_named(setup, tmp_path, caplog):
+    """Fields the init model fixes replace the recipe's; one the recipe moved off its default is named
+    in a warning (left at its default it says nothing), dropout rates excepted (stage 2 uses them)."""
+    root = setup[0]
+
+    def warnings_for(recipe):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="blip2.train.loop"):
+            resolve_stage2_model(recipe)
+        return [m for m in (r.getMessage() for r in caplog.records) if "replaces the recipe's" in m]
+
+    assert warnings_for(_recipe(setup)) == []  # the model fields at their defaults: nothing to say
+    recipe = _recipe(setup, ["model.qformer.num_layers=3", "model.vision.image_size=96",
+                             "model.qformer.hidden_dropout=0.3"])
+    (warned,) = warnings_for(recipe)
+    assert warned.startswith(f"stage 2 starts from {root / 's1' / 'model'},")
+    assert "model.vision.image_size=96 (it has 64)" in warned and "model.qformer.num_layers=3 (it has 2)" in warned
+    assert "dropout" not in warned
+    assert (recipe.model.vision.image_size, recipe.model.qformer.num_layers) == (64, 2)
+    assert recipe.model.qformer.hidden_dropout == 0.3
+
+    s2 = tmp_path / "s2"
+    train(_recipe(setup, ["train.steps=1", "eval.enabled=false"]), s2, progress=False)
+    scst = load_recipe(resolve_recipe("quickstart-stage2"), [*setup[2], *SCST, f"stage2.init={s2 / 'model'}",
+                                                             "model.llm.max_text_len=20"], Stage2Recipe)
+    (warned,) = warnings_for(scst)
+    assert warned.startswith(f"SCST starts from {s2 / 'model'},") and "model.llm.max_text_len=20 (it has 24)" in warned
+    assert scst.model.llm.max_text_len == 24
+
+
 def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path, caplog, monkeypatch, capsys):
     import yaml
 
@@ -184,6 +214,7 @@ def test_pipeline_runs_both_stages_and_skips_a_finished_one(setup, tmp_path, cap
     with caplog.at_level("WARNING", logger="blip2.train.loop"):
         summary = train_pipeline(load_recipe(path, overrides, PipelineRecipe), tmp_path / "p", progress=False)
     messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "replaces the recipe's" in m]  # both sections agree
     warned = [m for m in messages if "have collapsed" in m and not m.startswith("stage 2, step")]
     assert len(warned) == 1 and warned[0].startswith("the stage-1 model:"), warned
     # (stage 2's own check while it trains fires once too: its queries count as collapsed as well)

@@ -195,15 +195,36 @@ def resolve_stage2_model(recipe: Stage2Recipe) -> None:
     if recipe.stage2.init:
         doc = read_json(Path(recipe.stage2.init) / CONFIG)
         init = from_dict(type(recipe.model), doc["model"])
+        own = recipe.model
         if recipe.scst is not None:
             if init.llm is None:
                 raise ValueError(f"{recipe.stage2.init} is a stage-1 model (no LLM); SCST starts from a stage-2 model")
+            ignored = [*_overridden("vision", own.vision, init.vision),
+                       *_overridden("qformer", own.qformer, init.qformer),
+                       *(_overridden("llm", own.llm, init.llm) if own.llm is not None else [])]
             recipe.model = init
         else:
-            own = recipe.model.qformer
+            dropout = ("hidden_dropout", "attention_dropout")
+            ignored = [*_overridden("vision", own.vision, init.vision),
+                       *_overridden("qformer", own.qformer, init.qformer, keep=dropout)]
             recipe.model.vision = init.vision
-            recipe.model.qformer = dataclasses.replace(init.qformer, hidden_dropout=own.hidden_dropout,
-                                                       attention_dropout=own.attention_dropout)
+            recipe.model.qformer = dataclasses.replace(init.qformer, **{k: getattr(own.qformer, k) for k in dropout})
+        if ignored:
+            log.warning("%s starts from %s, whose config replaces the recipe's model.%s; set these where that "
+                        "model was trained (in a pipeline recipe: in every section)",
+                        "SCST" if recipe.scst is not None else "stage 2", recipe.stage2.init, ", model.".join(ignored))
+
+
+def _overridden(section: str, own: Any, init: Any, keep: tuple[str, ...] = ()) -> list[str]:
+    """`field=value (init's value)` for each field a recipe moved off its default that the init model
+    overrides; a field left at its default says nothing, so it is not reported."""
+    default = type(own)()
+    out = []
+    for f in dataclasses.fields(own):
+        mine, theirs = getattr(own, f.name), getattr(init, f.name)
+        if f.name not in keep and mine is not None and mine != theirs and mine != getattr(default, f.name):
+            out.append(f"{section}.{f.name}={mine!r} (it has {theirs!r})")
+    return out
 
 
 def objective_for(recipe: Recipe, world: World, pairs: Pairs):
