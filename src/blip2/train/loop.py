@@ -195,24 +195,23 @@ def resolve_stage2_model(recipe: Stage2Recipe) -> None:
     if recipe.stage2.init:
         doc = read_json(Path(recipe.stage2.init) / CONFIG)
         init = from_dict(type(recipe.model), doc["model"])
-        own = recipe.model
-        if recipe.scst is not None:
+        own, scst = recipe.model, recipe.scst is not None
+        keep = () if scst else ("hidden_dropout", "attention_dropout")  # what stage 2 takes from its recipe
+        ignored = [*_overridden("vision", own.vision, init.vision),
+                   *_overridden("qformer", own.qformer, init.qformer, keep=keep)]
+        if scst:
             if init.llm is None:
                 raise ValueError(f"{recipe.stage2.init} is a stage-1 model (no LLM); SCST starts from a stage-2 model")
-            ignored = [*_overridden("vision", own.vision, init.vision),
-                       *_overridden("qformer", own.qformer, init.qformer),
-                       *(_overridden("llm", own.llm, init.llm) if own.llm is not None else [])]
+            if own.llm is not None:
+                ignored += _overridden("llm", own.llm, init.llm)
             recipe.model = init
         else:
-            dropout = ("hidden_dropout", "attention_dropout")
-            ignored = [*_overridden("vision", own.vision, init.vision),
-                       *_overridden("qformer", own.qformer, init.qformer, keep=dropout)]
             recipe.model.vision = init.vision
-            recipe.model.qformer = dataclasses.replace(init.qformer, **{k: getattr(own.qformer, k) for k in dropout})
+            recipe.model.qformer = dataclasses.replace(init.qformer, **{k: getattr(own.qformer, k) for k in keep})
         if ignored:
             log.warning("%s starts from %s, whose config replaces the recipe's model.%s; set these where that "
                         "model was trained (in a pipeline recipe: in every section)",
-                        "SCST" if recipe.scst is not None else "stage 2", recipe.stage2.init, ", model.".join(ignored))
+                        "SCST" if scst else "stage 2", recipe.stage2.init, ", model.".join(ignored))
 
 
 def _overridden(section: str, own: Any, init: Any, keep: tuple[str, ...] = ()) -> list[str]:
